@@ -1,0 +1,47 @@
+"""Sampling metrics: decoding steps, prefill tokens, throughput, lengths and KV peak.
+
+Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training batch and logs
+`sampling/*` and `memory/kv_peak_gb` (DESIGN.md section 7). Works with any sampler.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+GB = float(1 << 30)
+
+
+def sampling_metrics(rollouts: Any) -> dict[str, float]:
+    """The per-step sampling metrics of one `Rollouts`."""
+    stats = rollouts.stats
+    lengths = rollouts.lengths.float()
+    return {
+        "sampling/decoding_steps": float(stats.decoding_steps),
+        "sampling/prefill_tokens": float(stats.prefill_tokens),
+        "sampling/prefill_passes": float(stats.prefill_passes),
+        "sampling/generated_tokens": float(stats.generated_tokens),
+        "sampling/max_concurrency": float(stats.max_concurrency),
+        "sampling/tokens_per_s": stats.generated_tokens / max(stats.wall_time_s, 1e-9),
+        "sampling/wall_time_s": float(stats.wall_time_s),
+        "sampling/avg_length": float(lengths.mean()),
+        "sampling/clipped_ratio": float((~rollouts.finished).float().mean()),
+        "memory/kv_peak_gb": stats.peak_kv_bytes / GB,
+    }
+
+
+class SamplingStatsLogger(pl.Callback):
+    """Logs `sampling/*` after each training batch; keeps the latest values in `self.last`."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        rollouts = getattr(pl_module, "last_rollouts", None)
+        if rollouts is None:
+            return
+        self.last = sampling_metrics(rollouts)
+        pl_module.log_dict({k: torch.tensor(v) for k, v in self.last.items()}, on_step=True,
+                           on_epoch=False, batch_size=len(rollouts))

@@ -1,0 +1,310 @@
+"""GRPOModule: one GRPO step per batch of B prompts x G completions (research code only).
+
+training_step = sample (any Sampler) -> rewards -> group advantages -> micro-batched update.
+The update runs `update_micro_batch` completions per forward/backward with gradient
+accumulation and a global normaliser, so its peak memory does not grow with G. Memory, decoding
+steps and predictor error are logged by callbacks, which the module notifies through the
+`on_phase_start` / `on_phase_end` hooks ("sampling", "update").
+
+    python train.py model.group_size=16 model.beta=0.04 model.loss_type=dr_grpo
+"""
+from __future__ import annotations
+
+import copy
+import random
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, clipped_surrogate,
+                               entropy_from_logits, group_advantages, k3_kl, token_log_probs)
+from modules.policy import Policy
+from modules.rewards import combine_rewards
+from samplers.base import GenerationSpec, Rollouts, Sampler, check_positive
+
+
+class GRPOModule(pl.LightningModule):
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler,
+        rewards: dict[str, dict[str, Any]],
+        group_size: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        beta: float = 0.0,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        num_iterations: int = 1,
+        loss_type: str = "sequence_mean",
+        advantage_scale: str = "group",
+        advantage_eps: float = 1e-4,
+        mask_truncated_completions: bool = False,
+        update_micro_batch: int = 8,
+        accuracy_reward: str | None = "gsm8k",
+        val_max_new_tokens: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive("group_size", group_size)
+        check_positive("max_new_tokens", max_new_tokens)
+        check_positive("num_iterations", num_iterations)
+        check_positive("update_micro_batch", update_micro_batch)
+        if loss_type not in LOSS_MODES:
+            raise ValueError(f"loss_type must be one of {LOSS_MODES}, got {loss_type!r}")
+        if advantage_scale not in ADVANTAGE_SCALES:
+            raise ValueError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, "
+                             f"got {advantage_scale!r}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0 (0 = no reference model), got {beta}")
+        self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
+        self.automatic_optimization = False
+        self.policy = policy.model
+        self.tokenizer = policy.tokenizer
+        self.eos_token_ids = policy.eos_token_ids
+        self.sampler = sampler
+        self.reward_fns = parse_rewards(rewards)
+        # The frozen reference lives outside the module's state_dict (it never changes).
+        self._ref: list[torch.nn.Module] = []
+        if beta > 0 and not hasattr(self.policy, "disable_adapter"):
+            self._ref.append(copy.deepcopy(self.policy).requires_grad_(False).eval())
+        self.last_rollouts: Rollouts | None = None
+
+    # ------------------------------------------------------------------ lightning plumbing
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_fit_start(self) -> None:
+        for ref in self._ref:
+            ref.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            np.random.set_state(states["numpy"])
+            if states["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Tell callbacks that implement on_phase_start/on_phase_end (memory, timing)."""
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        hooked = [c for c in callbacks if hasattr(c, "on_phase_start")]
+        for callback in hooked:
+            callback.on_phase_start(self.trainer, self, name)
+        yield
+        for callback in hooked:
+            callback.on_phase_end(self.trainer, self, name)
+
+    # ------------------------------------------------------------------ the GRPO step
+
+    def spec(self, temperature: float | None = None, max_new_tokens: int | None = None,
+             salt: int = 0) -> GenerationSpec:
+        """Generation settings; the seed moves with the step and rank (resumes reproduce it)."""
+        hp = self.hparams
+        step_seed = (hp.seed * 1_000_003 + self.global_step * 7919 + salt) * 64 + self.global_rank
+        return GenerationSpec(
+            max_new_tokens=max_new_tokens or hp.max_new_tokens,
+            temperature=hp.temperature if temperature is None else temperature,
+            top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=self.eos_token_ids, seed=step_seed)
+
+    def generate(self, prompts: list[list[int]], group_size: int,
+                 spec: GenerationSpec) -> Rollouts:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return self.sampler.sample(self.policy, prompts, group_size, spec)
+        finally:
+            self.policy.train(was_training)
+
+    def score(self, batch: dict[str, list], rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
+        """Decode completions and run the reward functions on per-completion batch fields."""
+        texts = self.tokenizer.batch_decode(
+            [ids[:n].tolist() for ids, n in zip(rollouts.completion_ids, rollouts.lengths)],
+            skip_special_tokens=True)
+        owners = rollouts.prompt_index.tolist()
+        expanded = {k: [v[p] for p in owners] for k, v in batch.items() if k != "prompt_ids"}
+        return combine_rewards(self.reward_fns, texts, expanded)
+
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        hp = self.hparams
+        with self.phase("sampling"):
+            rollouts = self.generate(batch["prompt_ids"], hp.group_size, self.spec())
+        self.last_rollouts = rollouts
+        rewards, per_fn = self.score(batch, rollouts)
+        advantages = group_advantages(rewards, rollouts.prompt_index, hp.advantage_scale,
+                                      hp.advantage_eps)
+        with self.phase("update"):
+            update = self.update(batch["prompt_ids"], rollouts, advantages)
+        self.log_step(rollouts, rewards, per_fn, update)
+
+    def update(self, prompts: list[list[int]], rollouts: Rollouts,
+               advantages: torch.Tensor) -> dict[str, float]:
+        """num_iterations optimizer steps over the rollouts, each in micro-batches."""
+        hp = self.hparams
+        mask = rollouts.completion_mask.clone()  # [N, T]
+        if hp.mask_truncated_completions:
+            mask &= rollouts.finished[:, None]
+        chunks = torch.arange(len(rollouts)).split(hp.update_micro_batch)
+        totals = dict(num_sequences=len(rollouts), num_tokens=int(mask.sum()),
+                      max_new_tokens=hp.max_new_tokens)
+        frozen = lambda model: [self.log_probs(model, prompts, rollouts, rows)[0]  # noqa: E731
+                                for rows in chunks]
+        with torch.no_grad():
+            old = frozen(self.policy) if hp.num_iterations > 1 else None
+            ref = frozen(self.reference()) if hp.beta > 0 else None
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        sums = dict(loss=0.0, kl=0.0, entropy=0.0, clipped=0.0)
+        for _ in range(hp.num_iterations):
+            optimizer.zero_grad()
+            for c, rows in enumerate(chunks):
+                rows_mask = mask[rows, : rollouts.lengths[rows].max()].to(self.device)
+                logp, entropy = self.log_probs(self.policy, prompts, rollouts, rows)
+                per_token, clipped = clipped_surrogate(
+                    logp, logp.detach() if old is None else old[c],
+                    advantages[rows].to(self.device), hp.epsilon_low, hp.epsilon_high)
+                if ref is not None:
+                    kl = k3_kl(logp, ref[c])
+                    per_token = per_token + hp.beta * kl
+                    sums["kl"] += float((kl.detach() * rows_mask).sum())
+                loss = aggregate_loss(per_token, rows_mask, hp.loss_type, **totals)
+                self.manual_backward(loss)
+                sums["loss"] += float(loss.detach())
+                sums["entropy"] += float((entropy * rows_mask).sum())
+                sums["clipped"] += float((clipped & rows_mask).sum())
+            self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm,
+                                gradient_clip_algorithm="norm")
+            optimizer.step()
+            schedule.step()
+        tokens = max(1, totals["num_tokens"]) * hp.num_iterations
+        return {k: v / (hp.num_iterations if k == "loss" else tokens) for k, v in sums.items()}
+
+    def reference(self) -> torch.nn.Module | Any:
+        if self._ref:
+            return self._ref[0]
+        return _AdapterDisabled(self.policy)
+
+    def log_probs(self, model: Any, prompts: list[list[int]], rollouts: Rollouts,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies of completions `rows`: two [b, T] tensors.
+
+        Prompts are left-padded to a common width so that every completion starts at the same
+        column; positions restart at 0 after the padding of each row.
+        """
+        lengths = rollouts.lengths[rows]
+        width = int(lengths.max())
+        completions = rollouts.completion_ids[rows, :width]  # [b, T]
+        owners = rollouts.prompt_index[rows].tolist()
+        prompt_width = max(len(prompts[p]) for p in owners)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(owners), prompt_width + width), pad, dtype=torch.long)  # [b, S]
+        attention = torch.zeros_like(ids)
+        for r, p in enumerate(owners):
+            start = prompt_width - len(prompts[p])
+            ids[r, start:prompt_width] = torch.tensor(prompts[p])
+            attention[r, start: prompt_width + int(lengths[r])] = 1
+        ids[:, prompt_width:] = completions
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        ids, attention, positions = (x.to(self.device) for x in (ids, attention, positions))
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
+        targets = completions.to(self.device)
+        logp = token_log_probs(logits, targets)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach())
+        return logp, entropy
+
+    # ------------------------------------------------------------------ logging
+
+    def log_step(self, rollouts: Rollouts, rewards: torch.Tensor, per_fn: dict[str, torch.Tensor],
+                 update: dict[str, float]) -> None:
+        group = rollouts.prompt_index
+        num_groups = int(group.max()) + 1
+        maxima = torch.zeros(num_groups).index_reduce_(0, group, rewards, "amax", include_self=False)
+        minima = torch.zeros(num_groups).index_reduce_(0, group, rewards, "amin", include_self=False)
+        metrics = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std() if len(rewards) > 1 else torch.tensor(0.0),
+            "train/frac_reward_zero_std": (maxima == minima).float().mean(),
+            "train/completion_len_mean": rollouts.lengths.float().mean(),
+            "train/truncated_ratio": (~rollouts.finished).float().mean(),
+            "train/loss": torch.tensor(update["loss"]),
+            "train/entropy": torch.tensor(update["entropy"]),
+            "train/clip_frac": torch.tensor(update["clipped"]),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+        }
+        if self.hparams.beta > 0:
+            metrics["train/kl"] = torch.tensor(update["kl"])
+        for name, values in per_fn.items():
+            metrics[f"train/rewards/{name}"] = values.mean()
+        accuracy = self.hparams.accuracy_reward
+        if accuracy in per_fn:
+            metrics["train/accuracy"] = (per_fn[accuracy] >= 1.0).float().mean()
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False,
+                      prog_bar=False, sync_dist=True, batch_size=num_groups)
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False,
+                 batch_size=num_groups)
+
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        """Greedy accuracy: one completion per validation prompt."""
+        hp = self.hparams
+        spec = self.spec(temperature=0.0, max_new_tokens=hp.val_max_new_tokens)
+        rollouts = self.generate(batch["prompt_ids"], 1, spec)
+        rewards, per_fn = self.score(batch, rollouts)
+        size = len(batch["prompt_ids"])
+        metrics = {"val/reward": rewards.mean(),
+                   "val/completion_len_mean": rollouts.lengths.float().mean()}
+        if hp.accuracy_reward in per_fn:
+            metrics["val/accuracy"] = (per_fn[hp.accuracy_reward] >= 1.0).float().mean()
+        self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=size)
+
+
+class _AdapterDisabled(torch.nn.Module):
+    """The LoRA base model as the KL reference: the policy with its adapters switched off."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self._model = [model]
+
+    def forward(self, **kwargs: Any) -> Any:
+        model = self._model[0]
+        context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        with context:
+            return model(**kwargs)
+
+
+def parse_rewards(rewards: dict[str, Any]) -> dict[str, tuple[Callable, float]]:
+    """`{name: {fn: callable, weight: float}}` from config -> `{name: (fn, weight)}`."""
+    if not rewards:
+        raise ValueError("model.rewards is empty: list at least one reward function")
+    parsed = {}
+    for name, entry in rewards.items():
+        fn, weight = entry.get("fn"), entry.get("weight", 1.0)
+        if not callable(fn):
+            raise ValueError(f"model.rewards.{name}.fn must be a callable, got {fn!r}")
+        parsed[name] = (fn, float(weight))
+    return parsed

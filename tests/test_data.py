@@ -1,0 +1,260 @@
+"""Prompt sources and PromptDataModule (offline). Run: pytest -q tests/test_data.py"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules import sources
+from datamodules.prompts import PromptDataModule, ResumableDataLoader, ShardedSampler
+
+
+def _toy_source(n: int) -> list[dict]:
+    return [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(n)]
+
+
+def _dm(tokenizer, n: int = 20, **kwargs) -> PromptDataModule:
+    kwargs.setdefault("val_size", 4)
+    return PromptDataModule(functools.partial(_toy_source, n), tokenizer, **kwargs)
+
+
+# ---- sources ------------------------------------------------------------------------------------
+
+
+def test_gsm_symbolic_is_offline_and_deterministic() -> None:
+    records = sources.gsm8k(source="gsm_symbolic", size=5, seed=1)
+    assert len(records) == 5
+    assert all(isinstance(r["question"], str) and r["answer"].lstrip("-").isdigit() for r in records)
+    assert records == sources.gsm8k(source="gsm_symbolic", size=5, seed=1)
+
+
+def test_arithmetic_answers_are_correct() -> None:
+    records = sources.arithmetic(size=20, seed=0)
+    assert len(records) == 20
+    for r in records:
+        expression = r["question"].removeprefix("Calculate ").rstrip(".")
+        assert eval(expression) == int(r["answer"])  # noqa: S307 - generated "a + b" / "a - b"
+
+
+def test_chat_reads_ifbench_prompts() -> None:
+    records = sources.chat(size=3)
+    assert len(records) == 3
+    assert all(r["answer"] is None and r["question"] for r in records)
+    assert len(sources.chat()) > 100
+
+
+def test_gsm8k_jsonl_extracts_answer_after_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "gsm.jsonl"
+    rows = [
+        {"question": "q1", "answer": "2 + 2 = 4\n#### 4"},
+        {"question": "q2", "answer": 7},
+        {"question": "q3"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    records = sources.gsm8k(source="jsonl", path=str(path), size=None)
+    assert records == [
+        {"question": "q1", "answer": "4"},
+        {"question": "q2", "answer": "7"},
+        {"question": "q3", "answer": None},
+    ]
+    assert len(sources.gsm8k(source="jsonl", path=str(path), size=2)) == 2
+
+
+def test_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"source must be one of .*gsm_symbolic.*got 'nope'"):
+        sources.gsm8k(source="nope")
+    with pytest.raises(ValueError, match="path is required"):
+        sources.gsm8k(source="jsonl")
+    with pytest.raises(ValueError, match="size"):
+        sources.arithmetic(size=0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 has no string field 'question'"):
+        sources.gsm8k(source="jsonl", path=str(bad))
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+
+def test_char_tokenizer_round_trips_and_renders_chatml(char_tokenizer) -> None:
+    text = "Calculate 5 - 3.\n\n#### 2 {ok}~"
+    ids = char_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert char_tokenizer.decode(ids) == text
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    prompt = char_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert char_tokenizer.eos_token == char_tokenizer.pad_token == "<|im_end|>"
+    ids = char_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == char_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert char_tokenizer.decode(ids) == prompt
+
+
+# ---- PromptDataModule ---------------------------------------------------------------------------
+
+
+def test_setup_splits_and_builds_chat_prompts(char_tokenizer) -> None:
+    dm = _dm(char_tokenizer, n=20, val_size=4, system_prompt="Be brief.")
+    dm.setup("fit")
+    train, val = dm.train_items, dm.val_items
+    assert len(train) == 16 and len(val) == 4
+    assert {x["index"] for x in train}.isdisjoint(x["index"] for x in val)
+    assert {x["index"] for x in train} | {x["index"] for x in val} == set(range(20))
+    item = train[0]
+    text = char_tokenizer.decode(item["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith(
+        f"{item['question']}\n\nSolve the problem. Write the final answer after '####'."
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    same = _dm(char_tokenizer, n=20, val_size=4, system_prompt="Be brief.")
+    same.setup()
+    assert [x["index"] for x in same.val_items] == [x["index"] for x in val]  # deterministic
+
+
+def test_plain_text_without_chat_template(char_tokenizer) -> None:
+    tok = char_tokenizer.__class__(tokenizer_object=char_tokenizer.backend_tokenizer)
+    tok.chat_template = None
+    dm = PromptDataModule(lambda: _toy_source(3), tok, val_size=1, instruction=None)
+    dm.setup()
+    assert tok.decode(dm.train_items[0]["prompt_ids"]) == dm.train_items[0]["question"]
+
+
+def test_batches_are_dicts_of_lists(char_tokenizer) -> None:
+    dm = _dm(char_tokenizer, n=20, batch_size=3, val_size=5, val_batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"prompt_ids", "answer", "question", "index"}
+    assert all(isinstance(v, list) and len(v) == 3 for v in batch.values())
+    assert all(isinstance(t, int) for t in batch["prompt_ids"][0])
+    assert batch["answer"] == [str(i + 1) for i in batch["index"]]
+    assert len(dm.train_dataloader()) == 15 // 3
+    val_batches = list(dm.val_dataloader())
+    assert [len(b["index"]) for b in val_batches] == [2, 2, 1]
+    assert [i for b in val_batches for i in b["index"]] == [x["index"] for x in dm.val_items]
+
+
+def test_train_shards_are_disjoint_and_equal(char_tokenizer) -> None:
+    shards, val_shards = [], []
+    for rank in range(2):
+        dm = _dm(char_tokenizer, n=27, batch_size=3, val_size=5)  # 22 train -> 3 batches per rank
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.setup()
+        loader = dm.train_dataloader()
+        shards.append([i for b in loader for i in b["index"]])
+        assert len(loader) == 3
+        val_shards.append([i for b in dm.val_dataloader() for i in b["index"]])
+    assert len(shards[0]) == len(shards[1]) == 9
+    assert set(shards[0]).isdisjoint(shards[1])
+    assert set(val_shards[0]).isdisjoint(val_shards[1])
+    assert sorted(val_shards[0] + val_shards[1]) == sorted(x["index"] for x in dm.val_items)
+
+
+def test_shuffle_depends_on_epoch_and_seed() -> None:
+    def order(epoch: int, seed: int = 0) -> list[int]:
+        sampler = ShardedSampler(32, batch_size=4, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0) == order(0)
+    assert order(0) != order(1) and order(0) != order(0, seed=1)
+    assert sorted(order(1)) == list(range(32))
+
+
+def test_loader_state_resumes_without_trainer(char_tokenizer) -> None:
+    dm = _dm(char_tokenizer, n=20, batch_size=2)
+    dm.setup()
+    full = [b["index"] for b in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    seen = [next(it)["index"] for _ in range(3)]
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["batches"] == 3
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    assert seen + [b["index"] for b in resumed] == full
+
+
+def test_too_long_prompt_names_record(char_tokenizer) -> None:
+    records = _toy_source(5)
+    records[2]["question"] = "x" * 100
+    dm = PromptDataModule(lambda: records, char_tokenizer, val_size=1, max_prompt_tokens=100)
+    with pytest.raises(ValueError, match=r"record 2: prompt has 1\d\d tokens, .*max_prompt_tokens=100"):
+        dm.setup()
+
+
+def test_empty_source_and_bad_val_size(char_tokenizer) -> None:
+    with pytest.raises(ValueError, match="data source .*empty_source.* returned no records"):
+        PromptDataModule(lambda: [], char_tokenizer).setup()
+    with pytest.raises(ValueError, match="val_size=5 must be smaller than the 5 records"):
+        _dm(char_tokenizer, n=5, val_size=5).setup()
+    with pytest.raises(ValueError, match="batch_size"):
+        _dm(char_tokenizer, batch_size=0)
+
+
+# ---- exact mid-epoch resume through a real Trainer ----------------------------------------------
+
+
+class _Recorder(LightningModule):
+    """Records the prompt indices of every training batch; one scalar parameter to step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append(list(batch["index"]))
+        return (self.w - 1.0) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tokenizer, root: Path, max_steps: int, ckpt_path: str | None = None) -> list[list[int]]:
+    dm = _dm(tokenizer, n=10, batch_size=2, val_size=2)  # 8 train records -> 4 batches per epoch
+    module = _Recorder()
+    trainer = Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # num_workers / no-val-loop notices
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_mid_epoch_resume_continues_with_the_next_batch(char_tokenizer, tmp_path: Path) -> None:
+    full = _fit(char_tokenizer, tmp_path / "full", max_steps=6)  # epochs 0 (4 steps) and 1 (2)
+    assert len(full) == 6 and full[:4] != full[4:]
+    for step in (3, 4):  # 3: mid-epoch; 4: saved after the last batch of epoch 0
+        ckpt = tmp_path / "full" / f"epoch=0-step={step}.ckpt"
+        state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+        assert state["combined_loader"] == [{"epoch": 0, "batches": step, "num_batches": 4}]
+        resumed = _fit(char_tokenizer, tmp_path / f"resume{step}", max_steps=6, ckpt_path=str(ckpt))
+        assert resumed == full[step:], f"resume from step {step}"
+
+
+def test_train_loader_is_lightning_stateful(char_tokenizer) -> None:
+    from lightning.fabric.utilities.types import _Stateful
+
+    dm = _dm(char_tokenizer)
+    dm.setup()
+    assert isinstance(dm.train_dataloader(), ResumableDataLoader)
+    assert isinstance(dm.train_dataloader(), _Stateful)

@@ -1,0 +1,112 @@
+"""GRPO training entry point.
+
+    python train.py                                   # offline default (SmolLM2-135M, GSM8K-style)
+    python train.py sampler=hf_generate policy=tiny   # any config group from configs/
+    python train.py -m sampler=hf_generate,full       # Hydra multirun sweep
+    python train.py ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt   # resume
+
+`train(cfg)` is one flat, ordered function (seed -> policy -> data -> sampler -> module ->
+callbacks -> loggers -> trainer -> fit) that returns (metrics, objects); tests call it directly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from modules.policy import describe  # noqa: E402
+from samplers.base import context_length  # noqa: E402
+
+log = logging.getLogger("train")
+
+# Errors that come from the user's config or data: printed as one clear line, no traceback.
+USER_ERRORS = (ValueError, ImportError, FileNotFoundError, hydra.errors.InstantiationException)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Callbacks or loggers: every entry of the group that has a _target_."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(node) for node in cfg.values()
+            if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    log.info("policy <%s>", cfg.policy._target_)
+    policy = hydra.utils.instantiate(cfg.policy)
+    log.info(describe(policy))
+
+    limit = context_length(policy.model)
+    max_prompt = cfg.data.get("max_prompt_tokens")
+    if max_prompt is None and limit is not None:
+        max_prompt = limit - cfg.model.max_new_tokens
+    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=policy.tokenizer,
+                                         max_prompt_tokens=max_prompt)
+
+    log.info("sampler <%s>", cfg.sampler._target_)
+    sampler = hydra.utils.instantiate(cfg.sampler)
+    model = hydra.utils.instantiate(cfg.model, policy=policy, sampler=sampler)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
+                                                  logger=loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    objects = dict(cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
+                   callbacks=callbacks, loggers=loggers, trainer=trainer)
+    return metrics, objects
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The config/data error at the root of `err`, if there is one (Hydra wraps them)."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS) and not isinstance(err,
+                                                           hydra.errors.InstantiationException):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    output_dir = Path(cfg.paths.output_dir)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    log.info("config:\n%s", text)
+    (output_dir / "config_tree.yaml").write_text(text)
+    try:
+        metrics, objects = train(cfg)
+    except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
+        cause = user_error(err)
+        log.exception("run failed; output dir: %s", output_dir)
+        if cause is None:
+            raise
+        print(f"\nerror: {type(cause).__name__}: {cause}\n(details: {output_dir})",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    trainer = objects["trainer"]
+    if trainer.is_global_zero:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                            if k.startswith(("train/reward", "train/accuracy", "val/")))
+        print(f"\nfinished {trainer.global_step} steps: {summary}")
+        print(f"logs: {output_dir}\nTensorBoard: tensorboard --logdir {output_dir}/tensorboard")
+    return metrics.get(cfg.get("optimized_metric") or "")
+
+
+if __name__ == "__main__":
+    main()
