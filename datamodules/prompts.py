@@ -13,7 +13,7 @@ Mid-epoch resume: the train loader is a `ResumableDataLoader`, which has `state_
 `load_state_dict()`. Lightning's fit loop stores the state of such loaders in the checkpoint
 (`loops.fit_loop.state_dict.combined_loader`) and restores it before the first batch of the
 resumed run, so the resumed run continues with exactly the batch the killed run would have seen
-next. The epoch is set by Lightning through `ShardedSampler.set_epoch` at every epoch start.
+next. Each epoch is shuffled with (seed, trainer.current_epoch).
 
     dm = PromptDataModule(functools.partial(sources.arithmetic, size=64), tokenizer, batch_size=4)
     trainer.fit(module, datamodule=dm)
@@ -30,6 +30,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 DEFAULT_INSTRUCTION = "Solve the problem. Write the final answer after '####'."
+BATCH_KEYS = ("prompt_ids", "answer", "question", "index")
 
 
 class ShardedSampler(Sampler[int]):
@@ -62,7 +63,7 @@ class ShardedSampler(Sampler[int]):
         self.start = 0  # one-shot: positions of this rank's shard to skip on the next __iter__
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every training epoch."""
+        """Select the epoch's shuffle (`ResumableDataLoader` sets it when a pass starts)."""
         self.epoch = epoch
 
     def shard(self) -> list[int]:
@@ -90,32 +91,29 @@ class ShardedSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a `ShardedSampler` that Lightning checkpoints and restores mid-epoch.
 
+    Takes DataLoader's arguments plus `epoch_fn`; pass `sampler=ShardedSampler(...)` (any other
+    sampler works but is not resumed mid-epoch).
+
     Lightning treats any loader with `state_dict`/`load_state_dict` as stateful
     (`lightning.fabric.utilities.types._Stateful`). The state counts batches *delivered* to the
     training loop (not indices drawn by workers), so it is exact for any `num_workers`; Lightning
     does not prefetch from loaders that have a length.
+
+    The epoch (which seeds the shuffle) is decided when a pass starts: `epoch_fn()` if it returns
+    an int (the datamodule passes `trainer.current_epoch`), else one more than the previous pass.
+    Lightning's own `set_epoch` is not used: after resuming from an end-of-epoch checkpoint it
+    passes `epoch_progress.processed`, which is then one ahead of `current_epoch`.
     """
 
     def __init__(
-        self,
-        dataset: Dataset,
-        sampler: Sampler,
-        batch_size: int,
-        collate_fn: Callable[[list], Any] | None = None,
-        num_workers: int = 0,
-        drop_last: bool = True,
+        self, *args: Any, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any
     ) -> None:
-        # explicit arguments (no **kwargs): Lightning re-instantiates loaders for overfit_batches
-        super().__init__(
-            dataset,
-            sampler=sampler,
-            batch_size=batch_size,
-            collate_fn=collate_fn,
-            num_workers=num_workers,
-            drop_last=drop_last,
-        )
-        self._epoch = getattr(sampler, "epoch", 0)
-        self._delivered = 0  # batches delivered in epoch self._epoch
+        # DataLoader's own signature, so Lightning can re-instantiate it (overfit_batches).
+        super().__init__(*args, **kwargs)
+        self.epoch_fn = epoch_fn
+        self._epoch = 0  # epoch of the current (or last) pass
+        self._delivered = 0  # batches delivered in that pass, skipped ones included
+        self._started = False
         self._pending: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
@@ -129,26 +127,33 @@ class ResumableDataLoader(DataLoader):
                 "the resumed epoch will not continue exactly where the checkpoint stopped"
             )
         self._pending = dict(state_dict)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(state_dict["epoch"])
+
+    def _start_pass(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the pass that starts now; consumes a loaded state."""
+        pending, self._pending = self._pending, None
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is None and pending is not None:  # no trainer: continue the saved pass
+            finished = pending["batches"] >= len(self)
+            epoch = pending["epoch"] + 1 if finished else pending["epoch"]
+        elif epoch is None:
+            epoch = self._epoch + 1 if self._started else 0
+        same_pass = pending is not None and pending["epoch"] == epoch
+        # a checkpoint taken after the last batch of its epoch resumes in the next epoch: skip 0
+        skip = min(pending["batches"], len(self)) if same_pass else 0
+        return epoch, skip
 
     def __iter__(self) -> Iterator[Any]:
-        # A generator: this body runs at the first `next`, i.e. after Lightning's `set_epoch`.
-        sampler = self.sampler
-        epoch = getattr(sampler, "epoch", self._epoch + 1)
-        skip, self._pending = self._resume_skip(epoch), None
-        if skip and isinstance(sampler, ShardedSampler):
-            sampler.start = skip * self.batch_size
-        self._epoch, self._delivered = epoch, skip
+        # A generator: this body runs at the first `next`, once the trainer's epoch is current.
+        epoch, skip = self._start_pass()
+        if isinstance(self.sampler, ShardedSampler):
+            self.sampler.set_epoch(epoch)
+            self.sampler.start = skip * self.batch_size
+        else:
+            skip = 0
+        self._epoch, self._delivered, self._started = epoch, skip, True
         for batch in super().__iter__():
             self._delivered += 1
             yield batch
-
-    def _resume_skip(self, epoch: int) -> int:
-        """Batches to skip: those the checkpointed run already consumed in this same epoch."""
-        if self._pending is None or self._pending["epoch"] != epoch:
-            return 0  # e.g. the checkpoint was taken after the last batch of its epoch
-        return min(self._pending["batches"], len(self))
 
 
 class _ListDataset(Dataset):
@@ -164,7 +169,7 @@ class _ListDataset(Dataset):
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
     """List of per-prompt dicts -> dict of lists (keys: prompt_ids, answer, question, index)."""
-    return {key: [item[key] for item in items] for key in ("prompt_ids", "answer", "question", "index")}
+    return {key: [item[key] for item in items] for key in BATCH_KEYS}
 
 
 class PromptDataModule(LightningDataModule):
@@ -196,7 +201,9 @@ class PromptDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not callable(source):
-            raise ValueError(f"source must be a zero-argument callable (Hydra `_partial_: true`), got {source!r}")
+            raise ValueError(
+                f"source must be a zero-argument callable (Hydra `_partial_: true`), got {source!r}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if val_size < 0:
@@ -220,7 +227,9 @@ class PromptDataModule(LightningDataModule):
         if self.train_items is not None:
             return
         if self.tokenizer is None:
-            raise ValueError("tokenizer is None: pass one, e.g. instantiate(cfg.data, tokenizer=tokenizer)")
+            raise ValueError(
+                "tokenizer is None: pass one, e.g. instantiate(cfg.data, tokenizer=tokenizer)"
+            )
         records = self.source()
         name = getattr(self.source, "func", self.source)
         name = getattr(name, "__qualname__", repr(self.source))
@@ -228,7 +237,8 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"data source {name} returned no records")
         if self.val_size >= len(records):
             raise ValueError(
-                f"val_size={self.val_size} must be smaller than the {len(records)} records of {name}"
+                f"val_size={self.val_size} must be smaller than the {len(records)} records "
+                f"of data source {name}"
             )
         order = list(range(len(records)))
         random.Random(f"split/{self.seed}").shuffle(order)
@@ -246,7 +256,9 @@ class PromptDataModule(LightningDataModule):
         """The prompt string fed to the tokenizer (chat template, or plain text without one)."""
         messages = self.messages(question)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         return "\n\n".join(m["content"] for m in messages)
 
     def _item(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +284,15 @@ class PromptDataModule(LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
-        return int(self.trainer.global_rank), int(self.trainer.world_size)
+        rank, world = int(self.trainer.global_rank), int(self.trainer.world_size)
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            # Lightning would replace our sampler (losing the shuffle, the shard and the resume)
+            raise ValueError(
+                "PromptDataModule shards the data itself: build the Trainer with "
+                "use_distributed_sampler=False"
+            )
+        return rank, world
 
     def _items(self, split: str) -> list[dict[str, Any]]:
         items = self.train_items if split == "train" else self.val_items
@@ -285,18 +305,34 @@ class PromptDataModule(LightningDataModule):
         rank, world = self._rank_and_world()
         if len(items) < world * self.batch_size:
             raise ValueError(
-                f"{len(items)} training records cannot fill one batch of batch_size={self.batch_size} "
+                f"{len(items)} training records cannot fill one batch of "
+                f"batch_size={self.batch_size} "
                 f"on each of {world} ranks"
             )
-        sampler = ShardedSampler(len(items), self.batch_size, rank, world, shuffle=True, seed=self.seed)
-        return ResumableDataLoader(
-            _ListDataset(items), sampler, self.batch_size, collate_fn=collate_prompts
+        sampler = ShardedSampler(
+            len(items), self.batch_size, rank, world, shuffle=True, seed=self.seed
         )
+        return ResumableDataLoader(
+            _ListDataset(items),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate_prompts,
+            epoch_fn=self._trainer_epoch,
+        )
+
+    def _trainer_epoch(self) -> int | None:
+        """The attached trainer's `current_epoch` (None without a real trainer)."""
+        epoch = getattr(self.trainer, "current_epoch", None)
+        return epoch if isinstance(epoch, int) else None
 
     def val_dataloader(self) -> DataLoader:
         items = self._items("val")
         rank, world = self._rank_and_world()
         sampler = ShardedSampler(len(items), 1, rank, world, shuffle=False, drop_remainder=False)
         return DataLoader(
-            _ListDataset(items), sampler=sampler, batch_size=self.val_batch_size, collate_fn=collate_prompts
+            _ListDataset(items),
+            sampler=sampler,
+            batch_size=self.val_batch_size,
+            collate_fn=collate_prompts,
         )

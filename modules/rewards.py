@@ -100,7 +100,8 @@ def _call_reward(name: str, fn: RewardFn, completions: list[str], batch: dict) -
         raise RewardError(f"reward function {name!r} returned {type(values).__name__}, not a list")
     if len(values) != len(completions):
         raise RewardError(
-            f"reward function {name!r} returned {len(values)} values for {len(completions)} completions"
+            f"reward function {name!r} returned {len(values)} values "
+            f"for {len(completions)} completions"
         )
     for i, v in enumerate(values):
         if not isinstance(v, numbers.Real):

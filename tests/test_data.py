@@ -32,7 +32,8 @@ def _dm(tokenizer, n: int = 20, **kwargs) -> PromptDataModule:
 def test_gsm_symbolic_is_offline_and_deterministic() -> None:
     records = sources.gsm8k(source="gsm_symbolic", size=5, seed=1)
     assert len(records) == 5
-    assert all(isinstance(r["question"], str) and r["answer"].lstrip("-").isdigit() for r in records)
+    assert all(isinstance(r["question"], str) for r in records)
+    assert all(r["answer"].lstrip("-").isdigit() for r in records)
     assert records == sources.gsm8k(source="gsm_symbolic", size=5, seed=1)
 
 
@@ -90,8 +91,12 @@ def test_char_tokenizer_round_trips_and_renders_chatml(char_tokenizer) -> None:
     assert len(ids) == len(text)
     assert char_tokenizer.decode(ids) == text
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
-    prompt = char_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    prompt = char_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert prompt == (
+        "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert char_tokenizer.eos_token == char_tokenizer.pad_token == "<|im_end|>"
     ids = char_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids[0] == char_tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -187,7 +192,8 @@ def test_too_long_prompt_names_record(char_tokenizer) -> None:
     records = _toy_source(5)
     records[2]["question"] = "x" * 100
     dm = PromptDataModule(lambda: records, char_tokenizer, val_size=1, max_prompt_tokens=100)
-    with pytest.raises(ValueError, match=r"record 2: prompt has 1\d\d tokens, .*max_prompt_tokens=100"):
+    match = r"record 2: prompt has 1\d\d tokens, .*max_prompt_tokens=100"
+    with pytest.raises(ValueError, match=match):
         dm.setup()
 
 
@@ -215,11 +221,14 @@ class _Recorder(LightningModule):
         self.seen.append(list(batch["index"]))
         return (self.w - 1.0) ** 2
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pass
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tokenizer, root: Path, max_steps: int, ckpt_path: str | None = None) -> list[list[int]]:
+def _fit(tokenizer, root: Path, max_steps: int, ckpt_path: Path | None = None) -> list[list[int]]:
     dm = _dm(tokenizer, n=10, batch_size=2, val_size=2)  # 8 train records -> 4 batches per epoch
     module = _Recorder()
     trainer = Trainer(
@@ -229,26 +238,43 @@ def _fit(tokenizer, root: Path, max_steps: int, ckpt_path: str | None = None) ->
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=root,
-        callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)],
+        callbacks=[
+            ModelCheckpoint(dirpath=root / "steps", every_n_train_steps=1, save_top_k=-1),
+            ModelCheckpoint(dirpath=root / "epochs", save_top_k=-1),  # after validation
+        ],
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # num_workers / no-val-loop notices
+        warnings.simplefilter("ignore")  # num_workers / checkpoint-dir notices
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module.seen
 
 
-def test_mid_epoch_resume_continues_with_the_next_batch(char_tokenizer, tmp_path: Path) -> None:
-    full = _fit(char_tokenizer, tmp_path / "full", max_steps=6)  # epochs 0 (4 steps) and 1 (2)
-    assert len(full) == 6 and full[:4] != full[4:]
-    for step in (3, 4):  # 3: mid-epoch; 4: saved after the last batch of epoch 0
-        ckpt = tmp_path / "full" / f"epoch=0-step={step}.ckpt"
-        state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]
-        assert state["combined_loader"] == [{"epoch": 0, "batches": step, "num_batches": 4}]
-        resumed = _fit(char_tokenizer, tmp_path / f"resume{step}", max_steps=6, ckpt_path=str(ckpt))
-        assert resumed == full[step:], f"resume from step {step}"
+@pytest.mark.parametrize(
+    ("ckpt", "step"),
+    [
+        ("steps/epoch=0-step=3.ckpt", 3),  # mid-epoch
+        ("steps/epoch=0-step=4.ckpt", 4),  # after the last batch of epoch 0, before validation
+        ("epochs/epoch=0-step=4.ckpt", 4),  # end of epoch 0, after validation
+        ("steps/epoch=1-step=5.ckpt", 5),  # mid-epoch 1 (a reshuffled epoch)
+    ],
+)
+def test_resume_continues_with_the_next_batch(
+    char_tokenizer, tmp_path_factory: pytest.TempPathFactory, ckpt: str, step: int
+) -> None:
+    full_dir = tmp_path_factory.getbasetemp() / "uninterrupted"
+    if not (full_dir / "seen.json").exists():  # one uninterrupted run shared by the cases
+        full = _fit(char_tokenizer, full_dir, max_steps=7)  # epoch 0: 4 steps, epoch 1: 3
+        (full_dir / "seen.json").write_text(json.dumps(full))
+    full = json.loads((full_dir / "seen.json").read_text())
+    assert len(full) == 7 and full[:3] != full[4:7]
+    if step == 3:
+        state = torch.load(full_dir / ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+        assert state["combined_loader"] == [{"epoch": 0, "batches": 3, "num_batches": 4}]
+    resumed = _fit(char_tokenizer, tmp_path_factory.mktemp("resumed"), 7, full_dir / ckpt)
+    assert resumed == full[step:]
 
 
 def test_train_loader_is_lightning_stateful(char_tokenizer) -> None:

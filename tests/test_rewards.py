@@ -112,7 +112,10 @@ def test_combine_rewards_weights_and_parts() -> None:
 
 def test_combine_rewards_accepts_tensor_and_bool_values() -> None:
     total, _ = combine_rewards(
-        {"t": (lambda c, **b: torch.tensor([1.0, 2.0]), 2.0), "b": (lambda c, **b: [True, False], 1.0)},
+        {
+            "t": (lambda c, **b: torch.tensor([1.0, 2.0]), 2.0),
+            "b": (lambda c, **b: [True, False], 1.0),
+        },
         ["a", "b"],
         {},
     )

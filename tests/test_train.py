@@ -1,0 +1,167 @@
+"""train(cfg) end to end on a tiny random-init policy: every sampler, learning, memory-flat
+update, checkpoint resume, and the clear errors for bad config or input."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from callbacks.digest import weight_digest
+from modules.rewards import RewardError
+from tests.conftest import ROOT
+from train import train
+
+SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml"))
+# Reward = fraction of "7" characters: a tiny random policy can learn it in a few dozen steps.
+SEVENS = ["+model.rewards.sevens.fn._target_=tests.helpers.char_fraction_reward",
+          "+model.rewards.sevens.fn._partial_=true", "+model.rewards.sevens.weight=1.0"]
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, str]]:
+    with open(output_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def series(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_fast_dev_run_every_sampler(tiny_cfg, sampler):
+    metrics, objects = train(tiny_cfg(f"sampler={sampler}", "debug=default"))
+    assert objects["trainer"].global_step == 1
+    assert {"train/reward", "train/entropy", "sampling/decoding_steps",
+            "memory/peak_sampling_gb", "memory/peak_update_gb",
+            "memory/kv_peak_gb"} <= set(metrics)
+    rollouts = objects["model"].last_rollouts
+    assert len(rollouts) == 2 * 4 and rollouts.completion_ids.shape[1] <= 8
+
+
+def test_training_changes_parameters_and_logs(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(*SEVENS, "model.beta=0.1", "model.num_iterations=2", "model.lr=1e-3",
+                   "trainer.max_steps=4")
+    from modules.policy import tiny
+    before = {k: v.clone() for k, v in tiny(seed=cfg.seed).model.state_dict().items()}
+    metrics, objects = train(cfg)
+    after = objects["model"].policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert metrics["train/kl"] >= 0 and "train/clip_frac" in metrics
+    assert "val/reward" in metrics and "val/accuracy" in metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "weights_rank0.txt").read_text().strip() == weight_digest(objects["model"])
+
+
+def test_learning_on_a_trivially_learnable_reward(tiny_cfg):
+    cfg = tiny_cfg(
+        *SEVENS, "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null",
+        "model.group_size=8", "model.max_new_tokens=12", "model.lr=3e-3",
+        "model.loss_type=token_mean", "trainer.max_steps=40", "trainer.val_check_interval=1000",
+        "callbacks=none")
+    train(cfg)
+    rewards = series(read_metrics(Path(cfg.paths.output_dir)), "train/reward")
+    assert len(rewards) == 40
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert end > start + 0.2, (start, end)
+
+
+def test_update_micro_batches_do_not_grow_with_group_size(tiny_cfg):
+    """G=64 runs the update in the same [update_micro_batch, ...] shapes as G=8."""
+    seen: dict[int, list[int]] = {}
+    for group_size in (8, 64):
+        cfg = tiny_cfg(f"model.group_size={group_size}", "model.update_micro_batch=4",
+                       "trainer.max_steps=1", "callbacks=none")
+        _, objects = train_with_hook(cfg, seen.setdefault(group_size, []))
+        assert len(objects["model"].last_rollouts) == 2 * group_size
+    assert max(seen[8]) == max(seen[64]) == 4
+    assert len(seen[64]) == 8 * len(seen[8])
+
+
+def train_with_hook(cfg, rows: list[int]):
+    """Record the batch size of every forward that builds a graph (the update's forwards)."""
+    import modules.grpo as grpo
+    original = grpo.GRPOModule.log_probs
+
+    def spy(self, model, prompts, rollouts, chunk):
+        if torch.is_grad_enabled():
+            rows.append(len(chunk))
+        return original(self, model, prompts, rollouts, chunk)
+
+    grpo.GRPOModule.log_probs = spy
+    try:
+        return train(cfg)
+    finally:
+        grpo.GRPOModule.log_probs = original
+
+
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
+    common = ["trainer.max_steps=6", "trainer.val_check_interval=1000",
+              "callbacks.model_checkpoint.every_n_train_steps=3",
+              "callbacks.model_checkpoint.save_top_k=-1"]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    _, full = train(tiny_cfg(*common, output_dir=full_dir))
+    ckpt = next((full_dir / "checkpoints").glob("*step=3.ckpt"))
+    _, resumed = train(tiny_cfg(*common, f"ckpt_path={ckpt}", output_dir=resumed_dir))
+    assert resumed["trainer"].global_step == 6
+    a, b = read_metrics(full_dir), read_metrics(resumed_dir)
+    for key in ("train/reward", "train/loss", "train/completion_len_mean"):
+        assert series(a, key)[3:] == pytest.approx(series(b, key), rel=1e-5, abs=1e-7), key
+    assert weight_digest(full["model"]) == weight_digest(resumed["model"])
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("model.group_size=0", ValueError, "group_size"),
+    ("model.loss_type=mean", ValueError, "loss_type"),
+    ("data.source.size=0", ValueError, "size"),
+    ("policy.max_position_embeddings=64", ValueError, "context|max_prompt_tokens|longer"),
+])
+def test_bad_config_gives_a_clear_error(tiny_cfg, override, error, message):
+    with pytest.raises(Exception) as info:
+        train(tiny_cfg(override, "callbacks=none"))
+    root = info.value
+    while not isinstance(root, error) and root.__cause__ is not None:
+        root = root.__cause__
+    assert isinstance(root, error)
+    assert pytest.importorskip("re").search(message, str(root)), str(root)
+
+
+def test_empty_dataset_is_named(tiny_cfg, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = tiny_cfg("data=gsm8k", "data.source.source=jsonl", f"data.source.path={empty}",
+                   "callbacks=none")
+    with pytest.raises(ValueError, match="empty|no records"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("reward", ["raising_reward", "nan_reward"])
+def test_broken_reward_is_named_and_checkpoint_kept(tiny_cfg, tmp_path, reward):
+    cfg = tiny_cfg(f"+model.rewards.bad.fn._target_=tests.helpers.{reward}",
+                   "+model.rewards.bad.fn._partial_=true", "+model.rewards.bad.weight=1.0")
+    with pytest.raises(RewardError, match="bad"):
+        train(cfg)
+
+
+def test_unknown_sampler_is_a_clear_cli_error(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run(
+        [sys.executable, "train.py", "sampler=nope", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "sampler" in out.stderr and "nope" in out.stderr
+    assert "Available options" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_user_error_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from tests.conftest import TINY
+    out = subprocess.run(
+        [sys.executable, "train.py", *TINY, "model.group_size=0", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "error: ValueError: group_size must be an int >= 1" in out.stderr
+    assert "Traceback" not in out.stderr
