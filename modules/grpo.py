@@ -95,9 +95,11 @@ class GRPOModule(pl.LightningModule):
             ref.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain tensors, lists and ints only, so `torch.load(weights_only=True)` accepts it.
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -105,7 +107,8 @@ class GRPOModule(pl.LightningModule):
         if states:
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
-            np.random.set_state(states["numpy"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             if states["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
 

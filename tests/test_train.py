@@ -15,9 +15,9 @@ from tests.conftest import ROOT
 from train import train
 
 SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml"))
-# Reward = fraction of "7" characters: a tiny random policy can learn it in a few dozen steps.
-SEVENS = ["+model.rewards.sevens.fn._target_=tests.helpers.char_fraction_reward",
-          "+model.rewards.sevens.fn._partial_=true", "+model.rewards.sevens.weight=1.0"]
+# Reward = fraction of digit characters: a tiny random policy can learn it in a few dozen steps.
+DIGITS = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
+          "+model.rewards.digits.fn._partial_=true", "+model.rewards.digits.weight=1.0"]
 
 
 def read_metrics(output_dir: Path) -> list[dict[str, str]]:
@@ -41,7 +41,7 @@ def test_fast_dev_run_every_sampler(tiny_cfg, sampler):
 
 
 def test_training_changes_parameters_and_logs(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(*SEVENS, "model.beta=0.1", "model.num_iterations=2", "model.lr=1e-3",
+    cfg = tiny_cfg(*DIGITS, "model.beta=0.1", "model.num_iterations=2", "model.lr=1e-3",
                    "trainer.max_steps=4")
     from modules.policy import tiny
     before = {k: v.clone() for k, v in tiny(seed=cfg.seed).model.state_dict().items()}
@@ -56,7 +56,7 @@ def test_training_changes_parameters_and_logs(tiny_cfg, tmp_path):
 
 def test_learning_on_a_trivially_learnable_reward(tiny_cfg):
     cfg = tiny_cfg(
-        *SEVENS, "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null",
+        *DIGITS, "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null",
         "model.group_size=8", "model.max_new_tokens=12", "model.lr=3e-3",
         "model.loss_type=token_mean", "trainer.max_steps=40", "trainer.val_check_interval=1000",
         "callbacks=none")
@@ -102,7 +102,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
               "callbacks.model_checkpoint.save_top_k=-1"]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
-    ckpt = next((full_dir / "checkpoints").glob("*step=3.ckpt"))
+    ckpt = next((full_dir / "checkpoints").glob("step_000003.ckpt"))
     _, resumed = train(tiny_cfg(*common, f"ckpt_path={ckpt}", output_dir=resumed_dir))
     assert resumed["trainer"].global_step == 6
     a, b = read_metrics(full_dir), read_metrics(resumed_dir)
