@@ -247,8 +247,10 @@ class GRPOModule(pl.LightningModule):
                  update: dict[str, float]) -> None:
         group = rollouts.prompt_index
         num_groups = int(group.max()) + 1
-        maxima = torch.zeros(num_groups).index_reduce_(0, group, rewards, "amax", include_self=False)
-        minima = torch.zeros(num_groups).index_reduce_(0, group, rewards, "amin", include_self=False)
+        maxima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amax",
+                                                        include_self=False)
+        minima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amin",
+                                                        include_self=False)
         metrics = {
             "train/reward": rewards.mean(),
             "train/reward_std": rewards.std() if len(rewards) > 1 else torch.tensor(0.0),

@@ -1,0 +1,255 @@
+"""Decode engine over a transformers causal LM: prefill once, slot KV cache, step, refill.
+
+The engine owns m slot rows of KV memory, each `capacity` columns wide (longest prompt +
+max_new_tokens, plus one scratch column). A sample placed in a slot gets its prompt's KV copied
+into the row's first P columns (the prompt was prefilled once, with `logits_to_keep=1`) and
+writes its own tokens after them; positions and the float 0/-inf attention mask are per row,
+so rows of different prompts and ages decode side by side. A finished slot is refilled at the
+next step with whatever the queue hands out, without any new prompt prefill.
+
+One step = one batched forward + one token for every running row:
+
+    queue.admit(free slots)  ->  sample a token per running row  ->  retire finished rows
+    -> forward the surviving rows' tokens (all m rows run; idle rows are masked no-ops)
+
+Invariant: a running row r holding sample (i, j) with t tokens has exactly P_i + t valid KV
+columns [0, P_i + t) and its next token is drawn with `uniforms(seed, i, j, t)`, so a sample's
+tokens do not depend on its slot, its neighbours or when it started (schedule invariance).
+
+Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous.py):
+`admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
+`remaining(i) -> samples of prompt i still to admit`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from samplers.base import GenerationSpec, sample_tokens, uniforms
+
+SampleId = tuple[int, int]  # (prompt index, sample index)
+
+
+class Queue(Protocol):
+    def admit(self, free: int, running: int) -> list[SampleId]: ...
+    def on_finished(self, sample: SampleId) -> list[SampleId]: ...
+    def remaining(self, prompt: int) -> int: ...
+
+
+@dataclass
+class EngineResult:
+    completions: dict[SampleId, list[int]]  # finished samples, tokens incl. EOS
+    finished: dict[SampleId, bool]  # True = ended with EOS
+    finish_order: list[SampleId]
+    cancelled: list[SampleId]
+    decoding_steps: int
+    prefill_passes: int
+    prefill_tokens: int
+    peak_kv_bytes: int
+    max_concurrency: int
+    slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
+    wall_time_s: float
+    kv_bytes_per_token: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class SlotCache:
+    """A duck-typed transformers Cache: fixed [m, heads, capacity + 1, head_dim] K/V per layer.
+
+    `update` writes this step's K/V of row r at column `write_cols[r]` and returns the first
+    `width` columns of every row (a view, no copy); the mask hides what a row must not see.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+        self.write_cols = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
+        self.width = 1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]  # [m, h, C+1, d]
+        index = self.write_cols.view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[3])
+        keys.scatter_(2, index, key_states.to(keys.dtype))
+        values.scatter_(2, index, value_states.to(values.dtype))
+        return keys[:, :, : self.width], values[:, :, : self.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class PromptKV:
+    """A prefilled prompt: its KV (per layer [h, P, d]) and the logits of its last token."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [V]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def prefill(model: Any, prompt: list[int], device: torch.device) -> PromptKV:
+    """Run the prompt once; keep its KV and next-token logits."""
+    length = len(prompt)
+    out = model(input_ids=torch.tensor([prompt], device=device),
+                position_ids=torch.arange(length, device=device)[None], use_cache=True,
+                logits_to_keep=1)
+    layers = out.past_key_values.layers
+    return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
+                    out.logits[0, -1])
+
+
+def kv_geometry(model: Any, prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
+    """(layers, kv heads, head dim, dtype) read off a real prefill, whatever the family."""
+    keys = prompt.keys[0]
+    return len(prompt.keys), keys.shape[0], keys.shape[2], keys.dtype
+
+
+class DecodeEngine:
+    """Decodes the samples a queue hands out on `slots` rows; see the module docstring."""
+
+    def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
+                 slots: int) -> None:
+        self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
+        self.device = next(model.parameters()).device
+        self.capacity = max(len(p) for p in prompts) + spec.max_new_tokens
+        self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
+
+    def run(self, queue: Queue) -> EngineResult:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            return _Run(self, queue).loop(start)
+
+
+class _Run:
+    """State of one engine run: slot tables, prompt KV store, outputs."""
+
+    def __init__(self, engine: DecodeEngine, queue: Queue) -> None:
+        self.e, self.queue = engine, queue
+        m, dev = engine.slots, engine.device
+        self.sample: list[SampleId | None] = [None] * m
+        self.started = [0] * m
+        self.prompt_len = torch.zeros(m, dtype=torch.long, device=dev)
+        self.generated = torch.zeros(m, dtype=torch.long, device=dev)  # tokens so far
+        self.prompt_id = torch.zeros(m, dtype=torch.long, device=dev)
+        self.sample_id = torch.zeros(m, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(m, engine.spec.max_new_tokens, dtype=torch.long, device=dev)
+        self.store: dict[int, PromptKV] = {}
+        self.cache: SlotCache | None = None
+        self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
+        self.result = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0)
+
+    # -------------------------------------------------------------- admission
+
+    def prompt_kv(self, i: int) -> PromptKV:
+        if i not in self.store:
+            self.store[i] = prefill(self.e.model, self.e.prompts[i], self.e.device)
+            self.result.prefill_passes += 1
+            self.result.prefill_tokens += len(self.e.prompts[i])
+            if self.cache is None:
+                self.allocate(self.store[i])
+        return self.store[i]
+
+    def allocate(self, first: PromptKV) -> None:
+        layers, heads, dim, dtype = kv_geometry(self.e.model, first)
+        shape = (self.e.slots, heads, self.e.capacity + 1, dim)  # +1: scratch column
+        make = lambda: [torch.zeros(shape, dtype=dtype, device=self.e.device)  # noqa: E731
+                        for _ in range(layers)]
+        self.cache = SlotCache(make(), make())
+        self.logits = torch.zeros(self.e.slots, first.logits.shape[-1], device=self.e.device,
+                                  dtype=first.logits.dtype)
+        self.result.kv_bytes_per_token = 2 * layers * heads * dim * first.keys[0].element_size()
+
+    def place(self, row: int, sample: SampleId, step: int) -> None:
+        i, j = sample
+        kv = self.prompt_kv(i)
+        length = len(self.e.prompts[i])
+        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            self.cache.keys[layer][row, :, :length] = k
+            self.cache.values[layer][row, :, :length] = v
+        self.logits[row] = kv.logits
+        self.sample[row], self.started[row] = sample, step
+        self.prompt_len[row], self.generated[row] = length, 0
+        self.prompt_id[row], self.sample_id[row] = i, j
+        if self.queue.remaining(i) == 0:
+            self.store.pop(i)  # every sample of prompt i holds its own copy now
+
+    # -------------------------------------------------------------- the loop
+
+    def loop(self, start: float) -> EngineResult:
+        step = 0
+        while True:
+            free = [r for r, s in enumerate(self.sample) if s is None]
+            for row, sample in zip(free, self.queue.admit(len(free), len(self.sample) - len(free))):
+                self.place(row, sample, step)
+            rows = torch.tensor([r for r, s in enumerate(self.sample) if s is not None],
+                                dtype=torch.long, device=self.e.device)
+            if rows.numel() == 0:
+                break
+            self.track_memory(rows.numel())
+            self.decode(rows, step)
+            step += 1
+        self.result.decoding_steps = step
+        self.result.wall_time_s = time.perf_counter() - start
+        return self.result
+
+    def track_memory(self, running: int) -> None:
+        live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
+        self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
+        self.result.max_concurrency = max(self.result.max_concurrency, running)
+
+    def decode(self, rows: torch.Tensor, step: int) -> None:
+        """Sample one token for every running row, retire the finished, forward the rest."""
+        spec = self.e.spec
+        t = self.generated[rows]
+        u = uniforms(spec.seed, self.prompt_id[rows], self.sample_id[rows], t)
+        next_tokens = sample_tokens(self.logits[rows], u, spec)  # [R]
+        self.tokens[rows, t] = next_tokens
+        self.generated[rows] = t + 1
+        ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [R]
+        for row in rows[ended].tolist():
+            self.retire(row, step)
+        alive = torch.tensor([s is not None for s in self.sample], device=self.e.device)
+        if bool(alive.any()):
+            feed = torch.zeros(len(self.sample), dtype=torch.long, device=self.e.device)
+            feed[rows] = next_tokens
+            self.forward(feed, alive)
+
+    def retire(self, row: int, step: int) -> None:
+        sample = self.sample[row]
+        n = int(self.generated[row])
+        tokens = self.tokens[row, :n].tolist()
+        self.result.completions[sample] = tokens
+        self.result.finished[sample] = tokens[-1] in self.e.spec.eos_token_ids
+        self.result.finish_order.append(sample)
+        self.result.slot_trace.append((row, sample, self.started[row], step))
+        self.sample[row] = None
+        for other in self.queue.on_finished(sample):
+            victim = self.sample.index(other)
+            self.result.cancelled.append(other)
+            self.result.slot_trace.append((victim, other, self.started[victim], step))
+            self.sample[victim] = None
+
+    def forward(self, feed: torch.Tensor, alive: torch.Tensor) -> None:
+        """One batched forward over all m rows; idle rows write to the scratch column."""
+        written = self.prompt_len + self.generated - 1  # column of the token being fed
+        columns = torch.where(alive, written, torch.full_like(written, self.e.capacity))
+        width = int((self.prompt_len + self.generated)[alive].max())
+        valid = torch.arange(width, device=self.e.device)[None, :] < torch.where(
+            alive, self.prompt_len + self.generated, torch.ones_like(written))[:, None]
+        dtype = self.cache.keys[0].dtype
+        mask = torch.zeros(valid.shape, dtype=dtype, device=self.e.device)
+        mask.masked_fill_(~valid, float("-inf"))
+        self.cache.write_cols, self.cache.width = columns, width
+        out = self.e.model(input_ids=feed[:, None], position_ids=columns.clamp(
+            max=self.e.capacity - 1)[:, None], attention_mask=mask[:, None, None, :],
+            past_key_values=self.cache, use_cache=True)
+        self.logits[alive] = out.logits[alive, -1].to(self.logits.dtype)
