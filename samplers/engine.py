@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
-from samplers.base import GenerationSpec, sample_tokens, uniforms
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, check_positive,
+                           pack_rollouts, sample_tokens, uniforms)
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -179,8 +180,6 @@ class _Run:
         self.sample[row], self.started[row] = sample, step
         self.prompt_len[row], self.generated[row] = length, 0
         self.prompt_id[row], self.sample_id[row] = i, j
-        if self.queue.remaining(i) == 0:
-            self.store.pop(i)  # every sample of prompt i holds its own copy now
 
     # -------------------------------------------------------------- the loop
 
@@ -190,21 +189,24 @@ class _Run:
             free = [r for r, s in enumerate(self.sample) if s is None]
             for row, sample in zip(free, self.queue.admit(len(free), len(self.sample) - len(free))):
                 self.place(row, sample, step)
+            self.track_memory()
+            for i in [i for i in self.store if self.queue.remaining(i) == 0]:
+                self.store.pop(i)  # every sample of prompt i was placed and holds a copy
             rows = torch.tensor([r for r, s in enumerate(self.sample) if s is not None],
                                 dtype=torch.long, device=self.e.device)
             if rows.numel() == 0:
                 break
-            self.track_memory(rows.numel())
+            self.result.max_concurrency = max(self.result.max_concurrency, rows.numel())
             self.decode(rows, step)
             step += 1
         self.result.decoding_steps = step
         self.result.wall_time_s = time.perf_counter() - start
         return self.result
 
-    def track_memory(self, running: int) -> None:
-        live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
-        self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
-        self.result.max_concurrency = max(self.result.max_concurrency, running)
+    def track_memory(self) -> None:
+        if self.cache is not None:
+            live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
+            self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
 
     def decode(self, rows: torch.Tensor, step: int) -> None:
         """Sample one token for every running row, retire the finished, forward the rest."""
@@ -216,7 +218,8 @@ class _Run:
         self.generated[rows] = t + 1
         ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [R]
         for row in rows[ended].tolist():
-            self.retire(row, step)
+            if self.sample[row] is not None:  # not cancelled by an earlier retire this step
+                self.retire(row, step)
         alive = torch.tensor([s is not None for s in self.sample], device=self.e.device)
         if bool(alive.any()):
             feed = torch.zeros(len(self.sample), dtype=torch.long, device=self.e.device)
@@ -237,6 +240,8 @@ class _Run:
             self.result.cancelled.append(other)
             self.result.slot_trace.append((victim, other, self.started[victim], step))
             self.sample[victim] = None
+        if self.queue.remaining(sample[0]) == 0:
+            self.store.pop(sample[0], None)  # Dynamic-Slot: the prompt is complete
 
     def forward(self, feed: torch.Tensor, alive: torch.Tensor) -> None:
         """One batched forward over all m rows; idle rows write to the scratch column."""
@@ -253,3 +258,81 @@ class _Run:
             max=self.e.capacity - 1)[:, None], attention_mask=mask[:, None, None, :],
             past_key_values=self.cache, use_cache=True)
         self.logits[alive] = out.logits[alive, -1].to(self.logits.dtype)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
+                spec: GenerationSpec, order: dict[SampleId, int] | None = None) -> Rollouts:
+    """Pack an engine run into Rollouts ordered by (prompt, sample).
+
+    `order` maps each kept sample to its row index within its group (default: its own j).
+    """
+    keep = order or {(i, j): j for i in range(num_prompts) for j in range(group_size)}
+    rows = sorted(keep, key=lambda s: (s[0], keep[s]))
+    stats = SamplingStats(
+        decoding_steps=result.decoding_steps,
+        prefill_passes=result.prefill_passes,
+        prefill_tokens=result.prefill_tokens,
+        generated_tokens=sum(len(t) for t in result.completions.values()),
+        peak_kv_bytes=result.peak_kv_bytes,
+        max_concurrency=result.max_concurrency,
+        wall_time_s=result.wall_time_s,
+        extras={"slot_trace": result.slot_trace, **result.extras},
+    )
+    pad = spec.eos_token_ids[0] if spec.eos_token_ids else 0
+    return pack_rollouts([result.completions[s] for s in rows],
+                         [result.finished[s] for s in rows], num_prompts, group_size, stats, pad)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """K and V bytes of one token over all layers, from the model config."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,
+                       slots: int) -> int:
+    """Weights + the engine's KV (slots, plus up to two prompts' KV alive) + logits buffers."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    per_token = kv_bytes_per_token(model.config, params[0].dtype)
+    longest = max(len(p) for p in prompts)
+    slot_kv = slots * (longest + spec.max_new_tokens + 1) * per_token
+    prompt_kv = 2 * longest * per_token
+    vocab = model.config.get_text_config().vocab_size
+    logits = 4 * slots * vocab * 4  # row logits, forward output, probabilities, CDF (float32)
+    return weights + slot_kv + prompt_kv + logits
+
+
+def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> None:
+    """Validate the `micro_group_size` / `memory_budget_gb` pair of a sampler config."""
+    if micro_group_size != "auto":
+        check_positive("micro_group_size", micro_group_size)
+    elif memory_budget_gb is None or memory_budget_gb <= 0:
+        raise ValueError("micro_group_size=auto needs memory_budget_gb > 0 (GiB for weights, "
+                         f"KV and logits), got {memory_budget_gb!r}")
+
+
+def resolve_slots(micro_group_size: int | str, memory_budget_gb: float | None, model: Any,
+                  prompts: list[list[int]], group_size: int, spec: GenerationSpec) -> int:
+    """m itself, or with `auto` the largest m whose predicted peak fits `memory_budget_gb`."""
+    check_slots(micro_group_size, memory_budget_gb)
+    if micro_group_size != "auto":
+        return micro_group_size
+    budget = memory_budget_gb * (1 << 30)
+    most = len(prompts) * group_size
+    if predict_peak_bytes(model, prompts, spec, 1) > budget:
+        need = predict_peak_bytes(model, prompts, spec, 1) / (1 << 30)
+        raise ValueError(f"memory_budget_gb={memory_budget_gb} is below the {need:.3f} GiB "
+                         "that weights plus one slot need")
+    low, high = 1, most  # largest m with predicted peak <= budget (monotone in m)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if predict_peak_bytes(model, prompts, spec, mid) <= budget \
+            else (low, mid - 1)
+    return low

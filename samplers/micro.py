@@ -1,0 +1,37 @@
+"""`micro` sampler: the G samples of a prompt run in rounds of m (micro groups).
+
+The prompt is prefilled once and its KV is copied into each round's slots, so peak KV is m rows
+whatever G is. Each round waits for its longest member before the next starts: decoding steps
+= sum over rounds of the round's longest completion. Rounds follow (prompt, sample) order and
+may span two prompts; G need not be a multiple of m. `micro_group_size: auto` picks the largest
+m whose predicted peak (weights + KV + logits) fits `memory_budget_gb`.
+
+    python train.py sampler=micro sampler.micro_group_size=8
+    python train.py sampler=micro sampler.micro_group_size=auto sampler.memory_budget_gb=2
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from samplers.base import GenerationSpec, Rollouts, validate_request
+from samplers.engine import DecodeEngine, check_slots, predict_peak_bytes, resolve_slots, to_rollouts
+from samplers.scheduling import SampleQueue, fifo_order
+
+
+class MicroSampler:
+    def __init__(self, micro_group_size: int | str = 8,
+                 memory_budget_gb: float | None = None) -> None:
+        check_slots(micro_group_size, memory_budget_gb)
+        self.micro_group_size = micro_group_size
+        self.memory_budget_gb = memory_budget_gb
+
+    def sample(self, model: Any, prompts: list[list[int]], group_size: int,
+               spec: GenerationSpec) -> Rollouts:
+        validate_request(model, prompts, group_size, spec)
+        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
+                          group_size, spec)
+        queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
+        result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
+        result.extras.update(slots=m, predicted_peak_bytes=predict_peak_bytes(
+            model, prompts, spec, m))
+        return to_rollouts(result, len(prompts), group_size, spec)

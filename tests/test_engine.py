@@ -1,0 +1,155 @@
+"""Decode engine and the micro / continuous samplers: exactness, step closed forms, memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samplers.base import GenerationSpec
+from samplers.continuous import ContinuousSampler
+from samplers.engine import predict_peak_bytes, resolve_slots
+from samplers.full import FullSampler
+from samplers.micro import MicroSampler
+from samplers.scheduling import (DynamicQueue, SampleQueue, list_schedule_makespan,
+                                 rounds_steps, steps_lower_bound)
+from tests.helpers import tiny_lm
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_lm("llama")
+
+
+def completions(r) -> list[list[int]]:
+    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_schedule_invariance_full_micro_continuous(family):
+    """float64: identical completions whatever the slot, round, refill order or neighbours."""
+    model = tiny_lm(family)
+    reference = FullSampler().sample(model, PROMPTS, 7, SPEC)
+    assert len(set(reference.lengths.tolist())) > 3  # lengths vary, so schedules differ
+    for sampler in (MicroSampler(3), MicroSampler(5), ContinuousSampler(3),
+                    ContinuousSampler(4), ContinuousSampler(1)):
+        other = sampler.sample(model, PROMPTS, 7, SPEC)
+        assert completions(other) == completions(reference), type(sampler).__name__
+        assert torch.equal(other.finished, reference.finished)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_micro_and_continuous_equal_generate(family, attn):
+    model = tiny_lm(family, attn=attn)
+    spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,))
+    for sampler in (MicroSampler(2), ContinuousSampler(3)):
+        r = sampler.sample(model, PROMPTS, 2, spec)
+        for i, prompt in enumerate(PROMPTS):
+            ids = torch.tensor([prompt])
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=12, eos_token_id=3, pad_token_id=3)
+            expected = ref[0, len(prompt):].tolist()
+            expected = expected[: expected.index(3) + 1] if 3 in expected else expected
+            assert completions(r)[2 * i] == expected
+
+
+def test_step_counts_equal_closed_forms(model):
+    g, m = 7, 3
+    full = FullSampler().sample(model, PROMPTS, g, SPEC)
+    lengths = full.lengths.tolist()  # (prompt, sample) order = the queues' order
+    per_prompt = [lengths[i * g: (i + 1) * g] for i in range(len(PROMPTS))]
+    assert full.stats.decoding_steps == sum(max(p) for p in per_prompt)
+    micro = MicroSampler(m).sample(model, PROMPTS, g, SPEC)
+    assert micro.stats.decoding_steps == rounds_steps(lengths, m)
+    cont = ContinuousSampler(m).sample(model, PROMPTS, g, SPEC)
+    assert cont.stats.decoding_steps == list_schedule_makespan(lengths, m)
+    assert steps_lower_bound(lengths, m) <= cont.stats.decoding_steps <= \
+        micro.stats.decoding_steps
+
+
+def test_slot_trace_is_a_valid_schedule(model):
+    r = ContinuousSampler(3).sample(model, PROMPTS, 5, SPEC)
+    trace = r.stats.extras["slot_trace"]
+    assert len(trace) == len(r)
+    lengths = {(int(i), int(j)): int(n) for i, j, n in
+               zip(r.prompt_index, r.sample_index, r.lengths)}
+    busy: dict[int, list[tuple[int, int]]] = {}
+    for slot, sample, start, end in trace:
+        assert end - start + 1 == lengths[sample]
+        busy.setdefault(slot, []).append((start, end))
+    for spans in busy.values():
+        spans.sort()
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no overlap in a slot
+
+
+def test_prefill_once_concurrency_and_memory(model):
+    prompt_tokens = sum(map(len, PROMPTS))
+    peaks = {}
+    for cls in (MicroSampler, ContinuousSampler):
+        for m in (2, 4):
+            for g in (4, 16):
+                r = cls(m).sample(model, PROMPTS, g, SPEC)
+                assert r.stats.prefill_tokens == prompt_tokens
+                assert r.stats.prefill_passes == len(PROMPTS)
+                assert r.stats.max_concurrency <= m
+                peaks[cls, m, g] = r.stats.peak_kv_bytes
+        assert peaks[cls, 2, 4] == peaks[cls, 2, 16]  # flat in G
+        assert peaks[cls, 4, 16] > peaks[cls, 2, 16]  # grows with m
+    full_peak = FullSampler().sample(model, PROMPTS, 16, SPEC).stats.peak_kv_bytes
+    assert full_peak > 3 * peaks[MicroSampler, 4, 16]
+
+
+def test_dynamic_mode_is_biased_to_short_completions(model):
+    spec = GenerationSpec(max_new_tokens=24, eos_token_ids=(3, 5, 7, 9), seed=2)
+    fixed = ContinuousSampler(4).sample(model, PROMPTS, 6, spec)
+    dynamic = ContinuousSampler(4, mode="dynamic").sample(model, PROMPTS, 6, spec)
+    assert len(dynamic) == len(fixed) == 24
+    assert dynamic.lengths.float().mean() < fixed.lengths.float().mean()
+    assert dynamic.stats.decoding_steps < fixed.stats.decoding_steps
+    extras = dynamic.stats.extras
+    assert extras["biased_to_short"] and extras["launched"] >= 24
+    assert dynamic.sample_index.tolist() == list(range(6)) * 4
+
+
+def test_queues_on_hand_made_instances():
+    assert rounds_steps([5, 1, 1, 4, 2, 2, 3], 3) == 5 + 4 + 3
+    assert list_schedule_makespan([5, 1, 1, 4, 2, 2, 3], 3) == 8  # the 3 waits until t=5
+    assert steps_lower_bound([5, 1, 1, 4, 2, 2, 3], 3) == 6
+    assert list_schedule_makespan([4, 4, 4, 4], 2) == 8
+    q = SampleQueue([(0, 0), (0, 1), (1, 0)], rounds=True)
+    assert q.admit(2, 0) == [(0, 0), (0, 1)] and q.remaining(0) == 0
+    assert q.admit(2, 1) == []  # a round waits for every slot
+    d = DynamicQueue(num_prompts=2, group_size=2)
+    assert d.admit(3, 0) == [(0, 0), (0, 1), (0, 2)]
+    assert d.on_finished((0, 1)) == []
+    assert d.on_finished((0, 2)) == [(0, 0)] and d.remaining(0) == 0
+    assert d.admit(1, 0) == [(1, 0)]
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(micro_group_size=0), "micro_group_size"),
+    (dict(micro_group_size="auto"), "memory_budget_gb"),
+    (dict(micro_group_size=2.5), "micro_group_size"),
+])
+@pytest.mark.parametrize("cls", [MicroSampler, ContinuousSampler])
+def test_bad_sampler_config(cls, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        cls(**kwargs)
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        ContinuousSampler(4, mode="sometimes")
+
+
+def test_auto_slots_fit_the_budget(model):
+    one = predict_peak_bytes(model, PROMPTS, SPEC, 1)
+    per_slot = predict_peak_bytes(model, PROMPTS, SPEC, 2) - one
+    budget_gb = (one + 5.5 * per_slot) / (1 << 30)
+    assert resolve_slots("auto", budget_gb, model, PROMPTS, 16, SPEC) == 6
+    r = MicroSampler("auto", memory_budget_gb=budget_gb).sample(model, PROMPTS, 16, SPEC)
+    assert r.stats.max_concurrency == 6 and r.stats.extras["slots"] == 6
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        resolve_slots("auto", one / 2 / (1 << 30), model, PROMPTS, 16, SPEC)
