@@ -48,6 +48,33 @@ def _maxrss_bytes() -> int:
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_malloc_tuned = False
+
+
+def release_cpu_memory() -> None:
+    """Make RSS track live CPU memory (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold after a large free, so later big tensors come from the heap
+    and stay resident after they die: RSS would then miss a phase's allocations. A fixed 1 MiB
+    threshold keeps large tensors on mmap (returned to the OS when freed), and malloc_trim
+    hands back free heap pages before a measurement starts.
+    """
+    global _malloc_tuned
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not _malloc_tuned:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            _malloc_tuned = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Context manager: peak memory of a block above the baseline at entry, in bytes.
 
@@ -84,6 +111,7 @@ class PeakMemory:
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.backend == "rss":
+            release_cpu_memory()
             self._process = psutil.Process()
             self.baseline_bytes = self._rss()
             self._peak_rss = self.baseline_bytes
