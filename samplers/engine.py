@@ -1,7 +1,7 @@
 """Decode engine over a transformers causal LM: prefill once, slot KV cache, step, refill.
 
 The engine owns m slot rows of KV memory, each `capacity` columns wide (longest prompt +
-max_new_tokens, plus one scratch column). A sample placed in a slot gets its prompt's KV copied
+max_new_tokens). A sample placed in a slot gets its prompt's KV copied
 into the row's first P columns (the prompt was prefilled once, with `logits_to_keep=1`) and
 writes its own tokens after them; positions and the float 0/-inf attention mask are per row,
 so rows of different prompts and ages decode side by side. A finished slot is refilled at the
@@ -10,7 +10,7 @@ next step with whatever the queue hands out, without any new prompt prefill.
 One step = one batched forward + one token for every running row:
 
     queue.admit(free slots)  ->  sample a token per running row  ->  retire finished rows
-    -> forward the surviving rows' tokens (all m rows run; idle rows are masked no-ops)
+    -> forward the surviving rows' tokens (running rows are kept dense in rows [0, n))
 
 Invariant: a running row r holding sample (i, j) with t tokens has exactly P_i + t valid KV
 columns [0, P_i + t) and its next token is drawn with `uniforms(seed, i, j, t)`, so a sample's
@@ -58,20 +58,23 @@ class EngineResult:
 
 
 class SlotCache:
-    """A duck-typed transformers Cache: fixed [m, heads, capacity + 1, head_dim] K/V per layer.
+    """A duck-typed transformers Cache: fixed [m, heads, capacity, head_dim] K/V per layer.
 
-    `update` writes this step's K/V of row r at column `write_cols[r]` and returns the first
-    `width` columns of every row (a view, no copy); the mask hides what a row must not see.
+    `update` writes this step's K/V of row r < `rows` at column `write_cols[r]` and returns
+    rows [0, rows) and columns [0, width) (a view, no copy); the mask hides what a row must
+    not see.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.keys, self.values = keys, values
-        self.write_cols = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
+        self.rows = keys[0].shape[0]
+        self.write_cols = torch.zeros(self.rows, dtype=torch.long, device=keys[0].device)
         self.width = 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer_idx], self.values[layer_idx]  # [m, h, C+1, d]
+        keys = self.keys[layer_idx][: self.rows]  # [n, h, C, d]
+        values = self.values[layer_idx][: self.rows]
         index = self.write_cols.view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[3])
         keys.scatter_(2, index, key_states.to(keys.dtype))
         values.scatter_(2, index, value_states.to(values.dtype))
@@ -131,13 +134,21 @@ class DecodeEngine:
 
 
 class _Run:
-    """State of one engine run: slot tables, prompt KV store, outputs."""
+    """State of one engine run: per-row tables, prompt KV store, outputs.
+
+    Invariant: the running samples occupy rows [0, n) exactly; a retired row is filled by
+    moving the last running row into it (one row copy per retirement), so every forward runs
+    on a prefix view of the cache and finished samples cost nothing.
+    """
 
     def __init__(self, engine: DecodeEngine, queue: Queue) -> None:
         self.e, self.queue = engine, queue
         m, dev = engine.slots, engine.device
+        self.n = 0  # running rows
         self.sample: list[SampleId | None] = [None] * m
+        self.slot = list(range(m))  # logical slot id of each row (what the Gantt chart shows)
         self.started = [0] * m
+        self.row_of: dict[SampleId, int] = {}
         self.prompt_len = torch.zeros(m, dtype=torch.long, device=dev)
         self.generated = torch.zeros(m, dtype=torch.long, device=dev)  # tokens so far
         self.prompt_id = torch.zeros(m, dtype=torch.long, device=dev)
@@ -161,7 +172,7 @@ class _Run:
 
     def allocate(self, first: PromptKV) -> None:
         layers, heads, dim, dtype = kv_geometry(self.e.model, first)
-        shape = (self.e.slots, heads, self.e.capacity + 1, dim)  # +1: scratch column
+        shape = (self.e.slots, heads, self.e.capacity, dim)
         make = lambda: [torch.zeros(shape, dtype=dtype, device=self.e.device)  # noqa: E731
                         for _ in range(layers)]
         self.cache = SlotCache(make(), make())
@@ -169,35 +180,34 @@ class _Run:
                                   dtype=first.logits.dtype)
         self.result.kv_bytes_per_token = 2 * layers * heads * dim * first.keys[0].element_size()
 
-    def place(self, row: int, sample: SampleId, step: int) -> None:
+    def place(self, sample: SampleId, step: int) -> None:
         i, j = sample
         kv = self.prompt_kv(i)
-        length = len(self.e.prompts[i])
+        row, length = self.n, len(self.e.prompts[i])
         for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
             self.cache.keys[layer][row, :, :length] = k
             self.cache.values[layer][row, :, :length] = v
         self.logits[row] = kv.logits
-        self.sample[row], self.started[row] = sample, step
+        self.sample[row], self.started[row], self.row_of[sample] = sample, step, row
         self.prompt_len[row], self.generated[row] = length, 0
         self.prompt_id[row], self.sample_id[row] = i, j
+        self.n += 1
 
     # -------------------------------------------------------------- the loop
 
     def loop(self, start: float) -> EngineResult:
         step = 0
         while True:
-            free = [r for r, s in enumerate(self.sample) if s is None]
-            for row, sample in zip(free, self.queue.admit(len(free), len(self.sample) - len(free))):
-                self.place(row, sample, step)
+            m = self.e.slots
+            for sample in self.queue.admit(m - self.n, self.n):
+                self.place(sample, step)
             self.track_memory()
             for i in [i for i in self.store if self.queue.remaining(i) == 0]:
                 self.store.pop(i)  # every sample of prompt i was placed and holds a copy
-            rows = torch.tensor([r for r, s in enumerate(self.sample) if s is not None],
-                                dtype=torch.long, device=self.e.device)
-            if rows.numel() == 0:
+            if self.n == 0:
                 break
-            self.result.max_concurrency = max(self.result.max_concurrency, rows.numel())
-            self.decode(rows, step)
+            self.result.max_concurrency = max(self.result.max_concurrency, self.n)
+            self.decode(step)
             step += 1
         self.result.decoding_steps = step
         self.result.wall_time_s = time.perf_counter() - start
@@ -208,56 +218,67 @@ class _Run:
             live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
             self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
 
-    def decode(self, rows: torch.Tensor, step: int) -> None:
+    def decode(self, step: int) -> None:
         """Sample one token for every running row, retire the finished, forward the rest."""
-        spec = self.e.spec
-        t = self.generated[rows]
-        u = uniforms(spec.seed, self.prompt_id[rows], self.sample_id[rows], t)
-        next_tokens = sample_tokens(self.logits[rows], u, spec)  # [R]
-        self.tokens[rows, t] = next_tokens
-        self.generated[rows] = t + 1
-        ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [R]
-        for row in rows[ended].tolist():
-            if self.sample[row] is not None:  # not cancelled by an earlier retire this step
-                self.retire(row, step)
-        alive = torch.tensor([s is not None for s in self.sample], device=self.e.device)
-        if bool(alive.any()):
-            feed = torch.zeros(len(self.sample), dtype=torch.long, device=self.e.device)
-            feed[rows] = next_tokens
-            self.forward(feed, alive)
+        spec, n = self.e.spec, self.n
+        t = self.generated[:n].clone()  # [n]; generated is updated in place below
+        u = uniforms(spec.seed, self.prompt_id[:n], self.sample_id[:n], t)
+        next_tokens = sample_tokens(self.logits[:n], u, spec)  # [n]
+        self.tokens[torch.arange(n, device=self.e.device), t] = next_tokens
+        self.generated[:n] = t + 1
+        ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [n]
+        feed = next_tokens.clone()
+        for sample in [self.sample[r] for r in ended.nonzero().flatten().tolist()]:
+            if sample in self.row_of:  # not cancelled by an earlier retirement this step
+                self.retire(sample, step, feed)
+        if self.n > 0:
+            self.forward(feed[: self.n])
 
-    def retire(self, row: int, step: int) -> None:
-        sample = self.sample[row]
-        n = int(self.generated[row])
-        tokens = self.tokens[row, :n].tolist()
+    def retire(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
+        row = self.row_of[sample]
+        tokens = self.tokens[row, : int(self.generated[row])].tolist()
         self.result.completions[sample] = tokens
         self.result.finished[sample] = tokens[-1] in self.e.spec.eos_token_ids
         self.result.finish_order.append(sample)
-        self.result.slot_trace.append((row, sample, self.started[row], step))
-        self.sample[row] = None
+        self.free(row, step, feed)
         for other in self.queue.on_finished(sample):
-            victim = self.sample.index(other)
             self.result.cancelled.append(other)
-            self.result.slot_trace.append((victim, other, self.started[victim], step))
-            self.sample[victim] = None
+            self.free(self.row_of[other], step, feed)
         if self.queue.remaining(sample[0]) == 0:
             self.store.pop(sample[0], None)  # Dynamic-Slot: the prompt is complete
 
-    def forward(self, feed: torch.Tensor, alive: torch.Tensor) -> None:
-        """One batched forward over all m rows; idle rows write to the scratch column."""
-        written = self.prompt_len + self.generated - 1  # column of the token being fed
-        columns = torch.where(alive, written, torch.full_like(written, self.e.capacity))
-        width = int((self.prompt_len + self.generated)[alive].max())
-        valid = torch.arange(width, device=self.e.device)[None, :] < torch.where(
-            alive, self.prompt_len + self.generated, torch.ones_like(written))[:, None]
-        dtype = self.cache.keys[0].dtype
-        mask = torch.zeros(valid.shape, dtype=dtype, device=self.e.device)
+    def free(self, row: int, step: int, feed: torch.Tensor) -> None:
+        """Release `row`, then move the last running row into it to keep rows [0, n) dense."""
+        sample = self.sample[row]
+        self.result.slot_trace.append((self.slot[row], sample, self.started[row], step))
+        del self.row_of[sample]
+        last = self.n - 1
+        if row != last:
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[row] = keys[last]
+                values[row] = values[last]
+            for table in (self.prompt_len, self.generated, self.prompt_id, self.sample_id,
+                          self.tokens, self.logits, feed):
+                table[row] = table[last]
+            self.sample[row], self.started[row] = self.sample[last], self.started[last]
+            self.slot[row], self.slot[last] = self.slot[last], self.slot[row]
+            self.row_of[self.sample[row]] = row
+        self.sample[last] = None
+        self.n = last
+
+    def forward(self, feed: torch.Tensor) -> None:
+        """One batched forward over the running rows [0, n) (a prefix view of the cache)."""
+        n = self.n
+        columns = self.prompt_len[:n] + self.generated[:n] - 1  # column of the token fed
+        width = int(columns.max()) + 1
+        valid = torch.arange(width, device=self.e.device)[None, :] <= columns[:, None]
+        mask = torch.zeros(valid.shape, dtype=self.cache.keys[0].dtype, device=self.e.device)
         mask.masked_fill_(~valid, float("-inf"))
-        self.cache.write_cols, self.cache.width = columns, width
-        out = self.e.model(input_ids=feed[:, None], position_ids=columns.clamp(
-            max=self.e.capacity - 1)[:, None], attention_mask=mask[:, None, None, :],
-            past_key_values=self.cache, use_cache=True)
-        self.logits[alive] = out.logits[alive, -1].to(self.logits.dtype)
+        self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
+        out = self.e.model(input_ids=feed[:, None], position_ids=columns[:, None],
+                           attention_mask=mask[:, None, None, :], past_key_values=self.cache,
+                           use_cache=True)
+        self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -302,7 +323,7 @@ def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpe
     weights = sum(p.numel() * p.element_size() for p in params)
     per_token = kv_bytes_per_token(model.config, params[0].dtype)
     longest = max(len(p) for p in prompts)
-    slot_kv = slots * (longest + spec.max_new_tokens + 1) * per_token
+    slot_kv = slots * (longest + spec.max_new_tokens) * per_token
     prompt_kv = 2 * longest * per_token
     vocab = model.config.get_text_config().vocab_size
     logits = 4 * slots * vocab * 4  # row logits, forward output, probabilities, CDF (float32)

@@ -141,10 +141,10 @@ def test_rollouts_layout_and_stats(model):
 
 
 def test_full_peak_kv_matches_tensor_sizes(model):
-    """G slot rows of (longest prompt + max_new_tokens + 1 scratch column), plus the prompt's
+    """G slot rows of (longest prompt + max_new_tokens), plus the prompt's
     own KV while its samples are being placed."""
     spec = GenerationSpec(max_new_tokens=6, eos_token_ids=())
     r = FullSampler().sample(model, [[1, 2, 3, 4], [5, 6]], 5, spec)
     cfg = model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8  # float64
-    assert r.stats.peak_kv_bytes == (5 * (4 + 6 + 1) + 4) * per_token
+    assert r.stats.peak_kv_bytes == (5 * (4 + 6) + 4) * per_token
