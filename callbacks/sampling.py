@@ -2,6 +2,9 @@
 
 Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training batch and logs
 `sampling/*` and `memory/kv_peak_gb` (DESIGN.md section 7). Works with any sampler.
+`sampling/steps_lower_bound` is max(max L, ceil(sum L / m)) over the batch with m = the
+sampler's slots (its max concurrency when it has none); `sampling/slot_utilization` is
+generated tokens / (decoding steps x m).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from samplers.scheduling import steps_lower_bound
+
 GB = float(1 << 30)
 
 
@@ -17,7 +22,16 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     """The per-step sampling metrics of one `Rollouts`."""
     stats = rollouts.stats
     lengths = rollouts.lengths.float()
+    slots = int(stats.extras.get("slots", stats.max_concurrency))
+    bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
+    extra = {}
+    if "predicted_peak_bytes" in stats.extras:
+        extra["memory/predicted_peak_gb"] = stats.extras["predicted_peak_bytes"] / GB
     return {
+        **extra,
+        "sampling/steps_lower_bound": float(bound),
+        "sampling/steps_over_lb": stats.decoding_steps / max(1, bound),
+        "sampling/slot_utilization": stats.generated_tokens / max(1, stats.decoding_steps * slots),
         "sampling/decoding_steps": float(stats.decoding_steps),
         "sampling/prefill_tokens": float(stats.prefill_tokens),
         "sampling/prefill_passes": float(stats.prefill_passes),
