@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, validate_request
-from samplers.engine import DecodeEngine, check_slots, predict_peak_bytes, resolve_slots, to_rollouts
+from samplers.engine import check_slots, run_slots, to_rollouts
 from samplers.scheduling import DynamicQueue, SampleQueue, fifo_order
 
 MODES = ("fixed", "dynamic")
@@ -37,14 +37,12 @@ class ContinuousSampler:
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
-        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
-                          group_size, spec)
         dynamic = self.mode == "dynamic"
         queue = (DynamicQueue(len(prompts), group_size) if dynamic
                  else SampleQueue(fifo_order(len(prompts), group_size), rounds=False))
-        result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
-        result.extras.update(slots=m, mode=self.mode, predicted_peak_bytes=predict_peak_bytes(
-            model, prompts, spec, m))
+        result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
+                           self.memory_budget_gb)
+        result.extras["mode"] = self.mode
         order = None
         if dynamic:
             order = finish_ranks(result.finish_order, group_size)

@@ -357,3 +357,15 @@ def resolve_slots(micro_group_size: int | str, memory_budget_gb: float | None, m
         low, high = (mid, high) if predict_peak_bytes(model, prompts, spec, mid) <= budget \
             else (low, mid - 1)
     return low
+
+
+def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: GenerationSpec,
+              queue: Queue, micro_group_size: int | str,
+              memory_budget_gb: float | None) -> EngineResult:
+    """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
+    m and the predicted peak in the result's extras (logged next to the measured peak)."""
+    m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec)
+    result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
+    result.extras.update(slots=m, predicted_peak_bytes=predict_peak_bytes(model, prompts,
+                                                                            spec, m))
+    return result
