@@ -62,6 +62,9 @@ class Bench:
 
     def measure(self, name: str, sampler: Any, group_size: int, slots: int | None = None,
                 **extra: Any) -> dict[str, Any]:
+        if self.cfg.warmup:  # one round of the same shapes first: no first-call allocations
+            sampler.sample(self.model, self.prompts[:1], min(group_size, slots or group_size),
+                           self.spec)
         with PeakMemory(self.device) as meter:
             rollouts = sampler.sample(self.model, self.prompts, group_size, self.spec)
         stats, lengths = rollouts.stats, rollouts.lengths.tolist()

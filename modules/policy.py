@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def convert_gguf(source: Path, gguf_file: str, folder: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder) if not folder.exists() else None
+    if folder.exists():  # another process finished the same conversion first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
 
 
 def tiny(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
@@ -153,8 +157,3 @@ def describe(policy: Policy) -> str:
     dtype = next(model.parameters()).dtype
     return (f"{type(model).__name__}: {total / 1e6:.1f}M params, {trainable / 1e6:.2f}M "
             f"trainable, {dtype}")
-
-
-def load_config(name_or_path: str) -> Any:
-    """The config of a hub name or folder, without weights (for memory planning)."""
-    return AutoConfig.from_pretrained(name_or_path)

@@ -53,7 +53,6 @@ class EngineResult:
     max_concurrency: int
     slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
     wall_time_s: float
-    kv_bytes_per_token: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,7 +110,7 @@ def prefill(model: Any, prompt: list[int], device: torch.device) -> PromptKV:
                     out.logits[0, -1])
 
 
-def kv_geometry(model: Any, prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
+def kv_geometry(prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
     """(layers, kv heads, head dim, dtype) read off a real prefill, whatever the family."""
     keys = prompt.keys[0]
     return len(prompt.keys), keys.shape[0], keys.shape[2], keys.dtype
@@ -171,14 +170,13 @@ class _Run:
         return self.store[i]
 
     def allocate(self, first: PromptKV) -> None:
-        layers, heads, dim, dtype = kv_geometry(self.e.model, first)
+        layers, heads, dim, dtype = kv_geometry(first)
         shape = (self.e.slots, heads, self.e.capacity, dim)
         make = lambda: [torch.zeros(shape, dtype=dtype, device=self.e.device)  # noqa: E731
                         for _ in range(layers)]
         self.cache = SlotCache(make(), make())
         self.logits = torch.zeros(self.e.slots, first.logits.shape[-1], device=self.e.device,
                                   dtype=first.logits.dtype)
-        self.result.kv_bytes_per_token = 2 * layers * heads * dim * first.keys[0].element_size()
 
     def place(self, sample: SampleId, step: int) -> None:
         i, j = sample
