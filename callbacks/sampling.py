@@ -25,8 +25,9 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     slots = int(stats.extras.get("slots", stats.max_concurrency))
     bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
     extra = {}
-    if "predicted_peak_bytes" in stats.extras:
+    if "predicted_peak_bytes" in stats.extras:  # engine samplers: the `auto` planner's model
         extra["memory/predicted_peak_gb"] = stats.extras["predicted_peak_bytes"] / GB
+        extra["memory/predicted_sampling_gb"] = stats.extras["predicted_sampling_bytes"] / GB
     return {
         **extra,
         "sampling/steps_lower_bound": float(bound),

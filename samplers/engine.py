@@ -361,9 +361,12 @@ def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: Gener
               queue: Queue, micro_group_size: int | str,
               memory_budget_gb: float | None) -> EngineResult:
     """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
-    m and the predicted peak in the result's extras (logged next to the measured peak)."""
+    m and the predicted peak in the result's extras: in total (what the budget bounds) and
+    above the weights (comparable with the measured `memory/peak_sampling_gb`)."""
     m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec)
     result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
-    result.extras.update(slots=m, predicted_peak_bytes=predict_peak_bytes(model, prompts,
-                                                                            spec, m))
+    predicted = predict_peak_bytes(model, prompts, spec, m)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result.extras.update(slots=m, predicted_peak_bytes=predicted,
+                         predicted_sampling_bytes=predicted - weights)
     return result
