@@ -28,7 +28,7 @@ from samplers.base import context_length  # noqa: E402
 log = logging.getLogger("train")
 
 # Errors that come from the user's config or data: printed as one clear line, no traceback.
-USER_ERRORS = (ValueError, ImportError, FileNotFoundError, hydra.errors.InstantiationException)
+USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -77,8 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def user_error(err: BaseException) -> BaseException | None:
     """The config/data error at the root of `err`, if there is one (Hydra wraps them)."""
     while err is not None:
-        if isinstance(err, USER_ERRORS) and not isinstance(err,
-                                                           hydra.errors.InstantiationException):
+        if isinstance(err, USER_ERRORS):
             return err
         err = err.__cause__ or err.__context__
     return None

@@ -175,8 +175,9 @@ class GRPOModule(pl.LightningModule):
         chunks = torch.arange(len(rollouts)).split(hp.update_micro_batch)
         totals = dict(num_sequences=len(rollouts), num_tokens=int(mask.sum()),
                       max_new_tokens=hp.max_new_tokens)
-        frozen = lambda model: [self.log_probs(model, prompts, rollouts, rows)[0]  # noqa: E731
-                                for rows in chunks]
+        frozen = lambda model: [  # noqa: E731
+            self.log_probs(model, prompts, rollouts, rows, with_entropy=False)[0]
+            for rows in chunks]
         with torch.no_grad():
             old = frozen(self.policy) if hp.num_iterations > 1 else None
             ref = frozen(self.reference()) if hp.beta > 0 else None
@@ -212,7 +213,8 @@ class GRPOModule(pl.LightningModule):
         return _AdapterDisabled(self.policy)
 
     def log_probs(self, model: Any, prompts: list[list[int]], rollouts: Rollouts,
-                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  rows: torch.Tensor,
+                  with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs and entropies of completions `rows`: two [b, T] tensors.
 
         Prompts are left-padded to a common width so that every completion starts at the same
@@ -237,6 +239,8 @@ class GRPOModule(pl.LightningModule):
                        use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
         targets = completions.to(self.device)
         logp = token_log_probs(logits, targets)
+        if not with_entropy:  # old/reference passes only need log-probs
+            return logp, None
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
         return logp, entropy

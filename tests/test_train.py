@@ -84,10 +84,10 @@ def train_with_hook(cfg, rows: list[int]):
     import modules.grpo as grpo
     original = grpo.GRPOModule.log_probs
 
-    def spy(self, model, prompts, rollouts, chunk):
+    def spy(self, model, prompts, rollouts, chunk, **kwargs):
         if torch.is_grad_enabled():
             rows.append(len(chunk))
-        return original(self, model, prompts, rollouts, chunk)
+        return original(self, model, prompts, rollouts, chunk, **kwargs)
 
     grpo.GRPOModule.log_probs = spy
     try:
