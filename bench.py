@@ -6,6 +6,7 @@
                                                      #   vs transformers' generate_batch
     python bench.py table=dynamic data=gsm8k num_prompts=4 group_size=8   # Table E
     python bench.py table=memory data=chat           # any data / policy config group works
+    python bench.py table=record|predictor|scheduler # Tables D and C (see bench_lengths.py)
 
 Outputs go to bench_results/<table>_<data>.{md,csv} (+ .png). Memory is measured, not
 predicted: CUDA `max_memory_allocated` above the start, CPU peak RSS above the start (sampled
@@ -36,6 +37,7 @@ from samplers.full import FullSampler  # noqa: E402
 from samplers.hf_generate import HFGenerateSampler  # noqa: E402
 from samplers.micro import MicroSampler  # noqa: E402
 from samplers.scheduling import steps_lower_bound  # noqa: E402
+from bench_lengths import table_predictor, table_record, table_scheduler  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -61,12 +63,13 @@ class Bench:
         FullSampler().sample(self.model, self.prompts[:1], 2, GenerationSpec(4))  # warm-up
 
     def measure(self, name: str, sampler: Any, group_size: int, slots: int | None = None,
-                **extra: Any) -> dict[str, Any]:
+                prompts: list[list[int]] | None = None, **extra: Any) -> dict[str, Any]:
+        prompts = self.prompts if prompts is None else prompts
         if self.cfg.warmup:  # one round of the same shapes first: no first-call allocations
-            sampler.sample(self.model, self.prompts[:1], min(group_size, slots or group_size),
+            sampler.sample(self.model, prompts[:1], min(group_size, slots or group_size),
                            self.spec)
         with PeakMemory(self.device) as meter:
-            rollouts = sampler.sample(self.model, self.prompts, group_size, self.spec)
+            rollouts = sampler.sample(self.model, prompts, group_size, self.spec)
         stats, lengths = rollouts.stats, rollouts.lengths.tolist()
         m = slots or stats.max_concurrency
         row = dict(sampler=name, G=group_size, m=m, peak_gb=meter.peak_bytes / GB,
@@ -74,12 +77,16 @@ class Bench:
                    steps=stats.decoding_steps, lb=steps_lower_bound(lengths, m),
                    wall_s=stats.wall_time_s, tok_s=stats.generated_tokens / stats.wall_time_s,
                    truncated=float((~rollouts.finished).float().mean()), **extra)
-        if self.answers[0] is not None:
+        if self.answers[0] is not None and prompts is self.prompts:
             texts = self.tokenizer.batch_decode(
                 [ids[:n].tolist() for ids, n in zip(rollouts.completion_ids, rollouts.lengths)],
                 skip_special_tokens=True)
             owners = rollouts.prompt_index.tolist()
             row["reward"] = sum(gsm8k_reward(texts, [self.answers[p] for p in owners])) / len(texts)
+        if "probe_steps" in stats.extras:  # infinite: the lower bound of its decode phase
+            row.update(probe_steps=stats.extras["probe_steps"],
+                       lb=stats.extras["steps_lower_bound"],
+                       total_steps=stats.extras["probe_steps"] + stats.decoding_steps)
         if "slot_trace" in stats.extras:
             self.traces[f"{name} m={m}"] = (stats.extras["slot_trace"], stats.decoding_steps)
         log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
@@ -153,7 +160,8 @@ def table_dynamic(b: Bench) -> list[dict]:
 
 TABLES: dict[str, Callable[[Bench], list[dict]]] = {
     "memory": table_memory, "sweep": table_sweep, "throughput": table_throughput,
-    "dynamic": table_dynamic}
+    "dynamic": table_dynamic, "record": table_record, "predictor": table_predictor,
+    "scheduler": table_scheduler}
 
 
 def write(rows: list[dict], stem: Path, header: str) -> None:
@@ -202,6 +210,8 @@ def main(cfg: DictConfig) -> None:
               f"prompt tokens={[len(p) for p in bench.prompts]}, max_new_tokens="
               f"{cfg.max_new_tokens}, seed={cfg.seed}")
     write(rows, stem, header)
+    if getattr(bench, "extra_csv", None):  # per-group rows behind a summary table
+        write(bench.extra_csv, stem.with_name(stem.name + "_groups"), header)
     plot(bench, rows, stem)
     print(stem.with_suffix(".md").read_text())
 

@@ -3,7 +3,8 @@
 Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training batch and logs
 `sampling/*` and `memory/kv_peak_gb` (DESIGN.md section 7). Works with any sampler.
 `sampling/steps_lower_bound` is max(max L, ceil(sum L / m)) over the batch with m = the
-sampler's slots (its max concurrency when it has none); `sampling/slot_utilization` is
+sampler's slots (its max concurrency when it has none), or the sampler's own bound when it
+states one (`infinite`: the decode phase after its probe, logged as `sampling/probe_steps`); `sampling/slot_utilization` is
 generated tokens / (decoding steps x m).
 """
 from __future__ import annotations
@@ -23,8 +24,13 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     stats = rollouts.stats
     lengths = rollouts.lengths.float()
     slots = int(stats.extras.get("slots", stats.max_concurrency))
-    bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
+    # the infinite sampler states the bound of its decode phase (probe steps counted apart)
+    bound = stats.extras.get("steps_lower_bound")
+    if bound is None:
+        bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
     extra = {}
+    if "probe_steps" in stats.extras:
+        extra["sampling/probe_steps"] = float(stats.extras["probe_steps"])
     if "predicted_peak_bytes" in stats.extras:  # engine samplers: the `auto` planner's model
         extra["memory/predicted_peak_gb"] = stats.extras["predicted_peak_bytes"] / GB
         extra["memory/predicted_sampling_gb"] = stats.extras["predicted_sampling_bytes"] / GB

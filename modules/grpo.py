@@ -72,6 +72,8 @@ class GRPOModule(pl.LightningModule):
         self.tokenizer = policy.tokenizer
         self.eos_token_ids = policy.eos_token_ids
         self.sampler = sampler
+        if hasattr(sampler, "bind"):  # text length predictors decode prompts and probes
+            sampler.bind(self.tokenizer)
         self.reward_fns = parse_rewards(rewards)
         # The frozen reference lives outside the module's state_dict (it never changes).
         self._ref: list[torch.nn.Module] = []
@@ -101,6 +103,9 @@ class GRPOModule(pl.LightningModule):
             "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        predictor = getattr(self.sampler, "predictor", None)
+        if predictor is not None:  # an online-refitted length predictor resumes where it was
+            checkpoint["length_predictor"] = predictor.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -111,6 +116,9 @@ class GRPOModule(pl.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             if states["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+        predictor = getattr(self.sampler, "predictor", None)
+        if predictor is not None and "length_predictor" in checkpoint:
+            predictor.load_state_dict(checkpoint["length_predictor"])
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

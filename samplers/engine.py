@@ -19,6 +19,13 @@ tokens do not depend on its slot, its neighbours or when it started (schedule in
 Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous.py):
 `admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
 `remaining(i) -> samples of prompt i still to admit`.
+
+Probe and resume (samplers/infinite.py): with `suspend_after=k` a row that has just sampled its
+token k (and did not end) is suspended instead of forwarded: its k completion columns of KV, its
+k + 1 tokens and its hidden state leave the slot as a `Suspended` state. A later run given
+`resume=states` places such a sample with that KV and feeds its pending token k at its first
+step without sampling, so the sample goes on exactly as if it had never left (same tokens,
+same streams) and takes L - k row-steps in the second run.
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ class EngineResult:
     slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
     wall_time_s: float
     extras: dict[str, Any] = field(default_factory=dict)
+    suspended: dict[SampleId, Suspended] = field(default_factory=dict)
 
 
 class SlotCache:
@@ -93,21 +101,36 @@ class PromptKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     logits: torch.Tensor  # [V]
+    hidden: torch.Tensor | None = None  # [H]: last hidden state at the prompt's last token
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def prefill(model: Any, prompt: list[int], device: torch.device) -> PromptKV:
-    """Run the prompt once; keep its KV and next-token logits."""
+@dataclass
+class Suspended:
+    """A probed sample parked outside the slots: its completion KV and tokens so far."""
+    keys: list[torch.Tensor]  # per layer [h, k, d]: KV of completion tokens 0..k-1
+    values: list[torch.Tensor]
+    tokens: list[int]  # k + 1 tokens; the last one is sampled but not yet fed to the model
+    hidden: torch.Tensor | None = None  # [H] at the last fed token (the prompt's when k = 0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def prefill(model: Any, prompt: list[int], device: torch.device,
+            hidden: bool = False) -> PromptKV:
+    """Run the prompt once; keep its KV and next-token logits (and last hidden state)."""
     length = len(prompt)
     out = model(input_ids=torch.tensor([prompt], device=device),
                 position_ids=torch.arange(length, device=device)[None], use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=1, output_hidden_states=hidden)
     layers = out.past_key_values.layers
     return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
-                    out.logits[0, -1])
+                    out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None)
 
 
 def kv_geometry(prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
@@ -117,14 +140,24 @@ def kv_geometry(prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
 
 
 class DecodeEngine:
-    """Decodes the samples a queue hands out on `slots` rows; see the module docstring."""
+    """Decodes the samples a queue hands out on `slots` rows; see the module docstring.
+
+    `store` shares prefilled prompts between runs (the caller owns it: prompts are then never
+    dropped by the engine); `capture_hidden` keeps each row's last hidden state;
+    `suspend_after` / `resume` are the probe hooks of the module docstring.
+    """
 
     def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
-                 slots: int) -> None:
+                 slots: int, store: dict[int, PromptKV] | None = None,
+                 capture_hidden: bool = False, suspend_after: int | None = None,
+                 resume: dict[SampleId, Suspended] | None = None) -> None:
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
         self.device = next(model.parameters()).device
         self.capacity = max(len(p) for p in prompts) + spec.max_new_tokens
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
+        self.shared_store = store
+        self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
+        self.resume = dict(resume or {})  # popped as the samples are placed
 
     def run(self, queue: Queue) -> EngineResult:
         start = time.perf_counter()
@@ -153,16 +186,23 @@ class _Run:
         self.prompt_id = torch.zeros(m, dtype=torch.long, device=dev)
         self.sample_id = torch.zeros(m, dtype=torch.long, device=dev)
         self.tokens = torch.zeros(m, engine.spec.max_new_tokens, dtype=torch.long, device=dev)
-        self.store: dict[int, PromptKV] = {}
+        self.pending = torch.zeros(m, dtype=torch.bool, device=dev)  # resumed, token not fed
+        self.any_pending = False
+        self.keep_store = engine.shared_store is not None
+        self.store: dict[int, PromptKV] = engine.shared_store if self.keep_store else {}
         self.cache: SlotCache | None = None
         self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
+        self.hidden: torch.Tensor | None = None  # [m, H] with capture_hidden
         self.result = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0)
+        if self.store:
+            self.allocate(next(iter(self.store.values())))
 
     # -------------------------------------------------------------- admission
 
     def prompt_kv(self, i: int) -> PromptKV:
         if i not in self.store:
-            self.store[i] = prefill(self.e.model, self.e.prompts[i], self.e.device)
+            self.store[i] = prefill(self.e.model, self.e.prompts[i], self.e.device,
+                                    self.e.capture_hidden)
             self.result.prefill_passes += 1
             self.result.prefill_tokens += len(self.e.prompts[i])
             if self.cache is None:
@@ -177,6 +217,9 @@ class _Run:
         self.cache = SlotCache(make(), make())
         self.logits = torch.zeros(self.e.slots, first.logits.shape[-1], device=self.e.device,
                                   dtype=first.logits.dtype)
+        if self.e.capture_hidden:
+            self.hidden = torch.zeros(self.e.slots, first.hidden.shape[-1],
+                                      device=self.e.device, dtype=first.hidden.dtype)
 
     def place(self, sample: SampleId, step: int) -> None:
         i, j = sample
@@ -186,9 +229,21 @@ class _Run:
             self.cache.keys[layer][row, :, :length] = k
             self.cache.values[layer][row, :, :length] = v
         self.logits[row] = kv.logits
+        if self.hidden is not None:
+            self.hidden[row] = kv.hidden
         self.sample[row], self.started[row], self.row_of[sample] = sample, step, row
         self.prompt_len[row], self.generated[row] = length, 0
         self.prompt_id[row], self.sample_id[row] = i, j
+        state = self.e.resume.pop(sample, None)
+        if state is not None:  # a probed sample: its KV, tokens, and the pending last token
+            k = len(state.tokens) - 1
+            for layer, (key, value) in enumerate(zip(state.keys, state.values)):
+                self.cache.keys[layer][row, :, length: length + k] = key
+                self.cache.values[layer][row, :, length: length + k] = value
+            self.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
+            self.generated[row], self.pending[row], self.any_pending = k, True, True
+            if self.hidden is not None and state.hidden is not None:
+                self.hidden[row] = state.hidden
         self.n += 1
 
     # -------------------------------------------------------------- the loop
@@ -201,7 +256,8 @@ class _Run:
                 self.place(sample, step)
             self.track_memory()
             for i in [i for i in self.store if self.queue.remaining(i) == 0]:
-                self.store.pop(i)  # every sample of prompt i was placed and holds a copy
+                if not self.keep_store:
+                    self.store.pop(i)  # every sample of prompt i was placed and holds a copy
             if self.n == 0:
                 break
             self.result.max_concurrency = max(self.result.max_concurrency, self.n)
@@ -214,6 +270,8 @@ class _Run:
     def track_memory(self) -> None:
         if self.cache is not None:
             live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
+            live += sum(s.nbytes for s in (*self.e.resume.values(),
+                                           *self.result.suspended.values()))
             self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
 
     def decode(self, step: int) -> None:
@@ -221,14 +279,23 @@ class _Run:
         spec, n = self.e.spec, self.n
         t = self.generated[:n].clone()  # [n]; generated is updated in place below
         u = uniforms(spec.seed, self.prompt_id[:n], self.sample_id[:n], t)
+        rows = torch.arange(n, device=self.e.device)
         next_tokens = sample_tokens(self.logits[:n], u, spec)  # [n]
-        self.tokens[torch.arange(n, device=self.e.device), t] = next_tokens
+        if self.any_pending:  # rows resumed at this step: their token k is already known
+            next_tokens = torch.where(self.pending[:n], self.tokens[rows, t], next_tokens)
+            self.pending[:n], self.any_pending = False, False
+        self.tokens[rows, t] = next_tokens
         self.generated[:n] = t + 1
         ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [n]
         feed = next_tokens.clone()
         for sample in [self.sample[r] for r in ended.nonzero().flatten().tolist()]:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
+        if self.e.suspend_after is not None:  # probe: park rows that sampled token k
+            parked = [self.sample[r] for r in range(self.n)
+                      if int(self.generated[r]) == self.e.suspend_after + 1]
+            for sample in parked:
+                self.suspend(sample, step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
 
@@ -245,6 +312,17 @@ class _Run:
         if self.queue.remaining(sample[0]) == 0:
             self.store.pop(sample[0], None)  # Dynamic-Slot: the prompt is complete
 
+    def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
+        row = self.row_of[sample]
+        start, k = int(self.prompt_len[row]), int(self.generated[row]) - 1
+        self.result.suspended[sample] = Suspended(
+            [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
+            [values[row, :, start: start + k].clone() for values in self.cache.values],
+            self.tokens[row, : k + 1].tolist(),
+            None if self.hidden is None else self.hidden[row].clone())
+        self.free(row, step, feed)
+        self.track_memory()
+
     def free(self, row: int, step: int, feed: torch.Tensor) -> None:
         """Release `row`, then move the last running row into it to keep rows [0, n) dense."""
         sample = self.sample[row]
@@ -256,7 +334,8 @@ class _Run:
                 keys[row] = keys[last]
                 values[row] = values[last]
             for table in (self.prompt_len, self.generated, self.prompt_id, self.sample_id,
-                          self.tokens, self.logits, feed):
+                          self.tokens, self.logits, self.pending, feed,
+                          *([] if self.hidden is None else [self.hidden])):
                 table[row] = table[last]
             self.sample[row], self.started[row] = self.sample[last], self.started[last]
             self.slot[row], self.slot[last] = self.slot[last], self.slot[row]
@@ -275,8 +354,10 @@ class _Run:
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
         out = self.e.model(input_ids=feed[:, None], position_ids=columns[:, None],
                            attention_mask=mask[:, None, None, :], past_key_values=self.cache,
-                           use_cache=True)
+                           use_cache=True, output_hidden_states=self.hidden is not None)
         self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
+        if self.hidden is not None:
+            self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -11,13 +11,24 @@ Queues (the engine's `Queue` protocol, samplers/engine.py):
 
 Closed forms: `rounds_steps` (micro), `list_schedule_makespan` (continuous in its refill order)
 and `steps_lower_bound` = max(max L, ceil(sum L / m)) for any schedule on m slots.
+
+Length-aware admission orders, built from PREDICTED remaining lengths (floats >= 0):
+- `refill_order`: `fifo` (as given), `sjf` (shortest first) or `lpt` (longest first).
+- `fptas_plan` + `planned_order`: balance predicted work over the m slots with successive
+  `fptas_subset_sum`, order each slot by refill, then admit by planned start time. With exact
+  predictions list scheduling of that order never takes longer than the plan's max slot load.
+`simulate_steps` gives the exact decoding steps of an order for known lengths.
 """
 from __future__ import annotations
 
+import functools
 import heapq
+import itertools
 import math
 from collections import Counter, deque
-from typing import Sequence
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 SampleId = tuple[int, int]
 
@@ -113,3 +124,212 @@ def steps_lower_bound(lengths: Sequence[int], slots: int) -> int:
     if not lengths:
         return 0
     return max(max(lengths), math.ceil(sum(lengths) / slots))
+
+
+def simulate_steps(lengths: Sequence[int], order: Sequence[int], slots: int) -> int:
+    """Decoding steps when samples with true `lengths` are admitted in `order` on `slots` rows."""
+    return list_schedule_makespan([lengths[k] for k in order], slots)
+
+
+# ----------------------------------------------------------------------------- length-aware plans
+
+# Sort keys on the predicted length; Python's stable sort keeps the fifo order among ties.
+_REFILL_KEYS: dict[str, Callable[[float], float]] = {
+    "sjf": lambda length: length, "lpt": lambda length: -length, "fifo": lambda length: 0.0,
+}
+REFILLS = tuple(_REFILL_KEYS)  # ("sjf", "lpt", "fifo")
+
+
+def refill_order(predicted: Sequence[float], refill: str,
+                 samples: Sequence[SampleId] | None = None) -> list[int]:
+    """Indices into `predicted` in admission order.
+
+    fifo is the given order, or the (prompt, sample) order of `samples` (ids aligned with
+    `predicted`) when they are given; `sjf`/`lpt` sort by predicted length and keep fifo on ties.
+    """
+    if refill not in _REFILL_KEYS:
+        raise ValueError(f"refill must be one of {REFILLS}, got {refill!r}")
+    fifo = list(range(len(predicted)))
+    if samples is not None:
+        if len(samples) != len(predicted):
+            raise ValueError(f"samples has {len(samples)} ids for {len(predicted)} predictions")
+        fifo.sort(key=lambda k: samples[k])
+    key = _REFILL_KEYS[refill]
+    return sorted(fifo, key=lambda k: key(predicted[k]))
+
+
+def planned_order(plan: list[list[int]], predicted: Sequence[float], refill: str) -> list[int]:
+    """Global admission order of a plan: each slot ordered by `refill` (fifo = the plan's order),
+    then all samples by planned start (predicted work ahead of them in their slot), ties by slot.
+
+    Why it is safe: with exact lengths, list scheduling of this order never ends later than the
+    plan's max slot load. By induction every sample of positive length starts no later than
+    planned: if all m rows were busy past its planned start t, the m samples running there
+    (admitted earlier, so planned to start <= t, and ending no later than planned) would all be
+    in progress at t in the plan, one per slot, so one would overlap it in its own slot. It can
+    end earlier (list scheduling may repair a poor plan): the plan's max load is an upper bound,
+    reached whenever the plan is at the lower bound, not an identity.
+    """
+    starts = []  # (planned start, slot, position in slot, index)
+    for s, slot in enumerate(plan):
+        start: float = 0
+        local = refill_order([predicted[k] for k in slot], refill)
+        for pos, k in enumerate(slot[t] for t in local):
+            starts.append((start, s, pos, k))
+            start += predicted[k]
+    return [k for *_, k in sorted(starts)]
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+
+
+class _LargeSums:
+    """Subset sums <= capacity of `items` (each > epsilon * capacity), only the smallest in each
+    bucket [b h, (b + 1) h) of a fixed grid, h = epsilon * capacity / (2 (u + 1)), where u is the
+    most of these items that fit together (< 1 / epsilon).
+
+    Buckets are never emptied and their minimum only decreases, so the grid costs < h only when
+    an item is added: for every exact sum y of u' <= u items some kept z has y - (u' + 1) h < z
+    <= y, i.e. z > y - epsilon * capacity / 2. There are 2 (u + 1) / epsilon + 1 buckets, so
+    O(len(items) / epsilon^2) time and memory, whatever the magnitudes of the weights.
+    """
+
+    def __init__(self, weights: Sequence[float], items: Sequence[int], capacity: float,
+                 epsilon: float) -> None:
+        sizes = itertools.accumulate(sorted(weights[k] for k in items))
+        most = sum(1 for _ in itertools.takewhile(lambda total: total <= capacity, sizes))
+        width = epsilon * capacity / (2 * (most + 1))
+        self.best = np.full(int(capacity / width) + 1, np.inf)  # [B] smallest sum per bucket
+        self.best[0] = 0.0  # the empty subset; every other sum is > width
+        self.items = list(items)
+        self.history = []  # per item: (buckets it set, sorted; the bucket each came from)
+        for k in self.items:
+            src = np.flatnonzero(self.best + weights[k] <= capacity)
+            cand = self.best[src] + weights[k]  # increasing, as kept sums increase with b
+            dst = (cand / width).astype(np.int64)
+            first = np.r_[True, dst[1:] != dst[:-1]] & (cand < self.best[dst])
+            self.best[dst[first]] = cand[first]
+            self.history.append((dst[first], src[first]))
+
+    def subset(self, bucket: int) -> list[int]:
+        """Items of the kept sum in `bucket`, read back through the history."""
+        chosen = []
+        for k, (dst, src) in zip(reversed(self.items), reversed(self.history)):
+            t = int(np.searchsorted(dst, bucket))
+            if t < len(dst) and dst[t] == bucket:
+                chosen.append(k)
+                bucket = int(src[t])
+        return chosen
+
+
+def fptas_subset_sum(weights: Sequence[float], capacity: float, epsilon: float) -> list[int]:
+    """Sorted indices of a subset with capacity >= sum >= (1 - epsilon) * OPT, where OPT is the
+    largest subset sum <= capacity. Time polynomial in n and 1/epsilon (not in the weights).
+
+    If everything that fits fits together, that is the answer. Otherwise OPT >= capacity / 2
+    (add items until one does not fit: it or the sum before it is >= capacity / 2). Items above
+    epsilon * capacity ("large") go through `_LargeSums`, which keeps a z > y - epsilon * OPT
+    for the large part y of the optimum; the small items then go on top in decreasing order,
+    first as the longest prefix that fits (binary search per z) and, for the best z, every
+    further one that still fits. Either all small items fit, and the sum is > (1 - epsilon) OPT,
+    or a small item (<= epsilon * capacity) did not, and the sum is > (1 - epsilon) capacity.
+    Zero weights are always taken.
+    """
+    _check_epsilon(epsilon)
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must be >= 0")
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    fits = [k for k, w in enumerate(weights) if w <= capacity]
+    if sum(weights[k] for k in fits) <= capacity:  # also n = 0 and capacity = 0
+        return fits
+    large = _LargeSums(weights, [k for k in fits if weights[k] > epsilon * capacity],
+                       capacity, epsilon)
+    small = sorted((k for k in fits if weights[k] <= epsilon * capacity), key=lambda k: -weights[k])
+    prefix = np.array([0, *itertools.accumulate(weights[k] for k in small)], dtype=float)
+    buckets = np.flatnonzero(np.isfinite(large.best))
+    z = large.best[buckets]
+    j = np.searchsorted(prefix, capacity - z, side="right") - 1  # longest prefix on top of z
+    while np.any(over := z + prefix[j] > capacity):  # rounding in capacity - z
+        j[over] -= 1
+    b = int(np.argmax(z + prefix[j]))
+    total, j = z[b] + prefix[j[b]], int(j[b])
+    chosen = small[:j]
+    for k in small[j:]:  # first fit: only helps, and closes most of the gap in practice
+        if total + weights[k] <= capacity:
+            chosen.append(k)
+            total += weights[k]
+    return sorted(chosen + large.subset(int(buckets[b])))
+
+
+def _max_load(plan: list[list[int]], predicted: Sequence[float]) -> float:
+    return max((sum(predicted[k] for k in slot) for slot in plan), default=0)
+
+
+def _fill(predicted: Sequence[float], rest: list[int], slots: int, target: float,
+          epsilon: float) -> list[list[int]]:
+    """Every slot but the last takes `fptas_subset_sum` of what remains under capacity
+    max(target, average of what remains); the last slot takes the rest."""
+    plan = []
+    for r in range(slots, 1, -1):
+        weights = [predicted[k] for k in rest]
+        taken = set(fptas_subset_sum(weights, max(target, sum(weights) / r), epsilon))
+        plan.append([k for t, k in enumerate(rest) if t in taken])
+        rest = [k for t, k in enumerate(rest) if t not in taken]
+    return plan + [rest]
+
+
+_BISECTIONS = 8  # target resolution (hi - lo) / 256; guarantees do not depend on it
+
+
+def fptas_plan(predicted: Sequence[float], slots: int, epsilon: float) -> list[list[int]]:
+    """Assign every index to one of `slots` slot lists, balancing predicted work per slot.
+
+    Objective: minimise the max slot load (sum of predicted lengths), i.e. the predicted makespan.
+    That is P||Cmax, strongly NP-hard, so it has no FPTAS unless P = NP; epsilon is the guarantee
+    of each subset-sum subproblem, and the plan gets the weaker global bounds below.
+
+    Scheme: while the longest item exceeds the average load of the remaining slots it gets a slot
+    alone (it sets the lower bound max L by itself; this only lowers the remaining average). With
+    r slots, average A and longest item p left, `_fill` fills the slots one by one with subset
+    sums under capacity max(T, running average). The running average alone (T = A) is the plain
+    scheme, but each slot's shortfall lands on the last one; when slots hold few items a target
+    T > A lets them absorb it. T is bisected between A and T_hi = (A + p) / (1 - eps), going down
+    when the last slot stays <= T, and the plan with the smallest max load is returned.
+
+    Guarantees (OPT = optimal max load >= max(p, A), as isolating only lowers the average):
+    - T_hi is tried (unless a plan at the lower bound came first), and there every slot but the
+      last takes >= (1 - eps)(T_hi - p) >= A (or all that is left; greedy reaches capacity - p),
+      so the last gets <= A: max load <= max(longest, (A + p) / (1 - eps)) <= 2 OPT / (1 - eps).
+    - slots = 2: T = A is tried first and gives max load = total - load_0 <= total - (1 - eps) S* =
+      OPT + eps S* <= (1 + eps) OPT (S* = best subset <= total / 2, OPT = total - S*).
+    Time: (_BISECTIONS + 2) * slots calls of `fptas_subset_sum`, polynomial in n and 1/eps.
+    """
+    _check_epsilon(epsilon)
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if any(length < 0 for length in predicted):
+        raise ValueError("predicted lengths must be >= 0")
+    rest = sorted(range(len(predicted)), key=lambda k: -predicted[k])
+    alone: list[list[int]] = []
+    while len(alone) < slots - 1 and rest:
+        if predicted[rest[0]] <= sum(predicted[k] for k in rest) / (slots - len(alone)):
+            break
+        alone.append([rest.pop(0)])
+    rest.sort()
+    r = slots - len(alone)
+    average = sum(predicted[k] for k in rest) / r
+    lo, hi = average, (average + max((predicted[k] for k in rest), default=0)) / (1 - epsilon)
+    load = functools.partial(_max_load, predicted=predicted)
+    floor = max([average] + [predicted[slot[0]] for slot in alone])  # no plan goes below
+    best, target = _fill(predicted, rest, r, lo, epsilon), hi
+    for _ in range(_BISECTIONS + 1):  # first T_hi, then bisection
+        if load(best) <= floor:
+            break
+        plan = _fill(predicted, rest, r, target, epsilon)
+        best = min(best, plan, key=load)
+        lo, hi = (lo, target) if sum(predicted[k] for k in plan[-1]) <= target else (target, hi)
+        target = (lo + hi) / 2
+    return alone + best

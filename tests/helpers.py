@@ -36,3 +36,47 @@ def tiny_lm(family: str = "llama", vocab_size: int = 48, attn: str = "sdpa",
     config._attn_implementation = attn
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+class ScriptedLM(torch.nn.Module):
+    """A fake causal LM whose completions have hand-made lengths, for scheduling tests.
+
+    A prompt's first token is the completion length L (EOS included): the model emits the
+    filler token until it has produced L - 1 tokens, then EOS. It keeps what it needs in its
+    KV cache like a real model (key[..., 0] = token, key[..., 1] = 1 for completion tokens), so
+    it runs through the decode engine's slot cache, masks and refills unchanged. With
+    group_size = 1 every sample's length is chosen by its prompt.
+    """
+
+    EOS, FILLER, VOCAB = 1, 2, 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        self.config = LlamaConfig(vocab_size=self.VOCAB, hidden_size=2, num_hidden_layers=1,
+                                  num_attention_heads=1, num_key_value_heads=1, head_dim=2,
+                                  max_position_embeddings=4096)
+
+    def forward(self, input_ids, position_ids, past_key_values=None, attention_mask=None,
+                output_hidden_states=False, **kwargs):
+        from types import SimpleNamespace
+
+        n, t = input_ids.shape
+        decoding = past_key_values is not None
+        key = torch.stack([input_ids.double(), torch.full_like(input_ids, int(decoding),
+                                                               dtype=torch.float64)], -1)
+        key = key[:, None] * self.scale  # [n, 1 head, t, 2]
+        if decoding:
+            keys, _ = past_key_values.update(key, key, 0)  # [n, 1, W, 2]
+            valid = attention_mask[:, 0, 0, :] == 0  # [n, W]
+            fed = (keys[:, 0, :, 1] * valid).sum(-1)  # completion tokens fed so far
+            target = keys[:, 0, 0, 0]  # [n]: L, from the prompt's first token
+        else:
+            cache = SimpleNamespace(layers=[SimpleNamespace(keys=key, values=key)])
+            fed, target = torch.zeros(n, dtype=torch.float64), input_ids[:, 0].double()
+        token = torch.where(fed >= target - 1, self.EOS, self.FILLER)  # next token [n]
+        logits = torch.full((n, 1, self.VOCAB), -1e4, dtype=torch.float64)
+        logits.scatter_(2, token.long().view(n, 1, 1), 0.0)
+        hidden = torch.stack([target, fed], -1)[:, None]  # [n, 1, 2]
+        return SimpleNamespace(logits=logits, past_key_values=None if decoding else cache,
+                               hidden_states=(hidden,) if output_hidden_states else None)

@@ -15,8 +15,14 @@ def options(group: str) -> list[str]:
 
 def test_groups_are_not_empty():
     for group in ("data", "policy", "sampler", "model", "callbacks", "logger", "trainer",
-                  "paths", "hydra", "experiment", "debug", "hparams_search"):
+                  "paths", "hydra", "experiment", "debug", "hparams_search", "predictor"):
         assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("predictor"))
+def test_infinite_sampler_receives_each_predictor(name):
+    sampler = instantiate(compose_config(["sampler=infinite", f"predictor={name}"]).sampler)
+    assert sampler.predictor.name == name
 
 
 @pytest.mark.parametrize("name", options("sampler"))

@@ -40,6 +40,25 @@ def test_fast_dev_run_every_sampler(tiny_cfg, sampler):
     assert len(rollouts) == 2 * 4 and rollouts.completion_ids.shape[1] <= 8
 
 
+PREDICTORS = sorted(p.stem for p in (ROOT / "configs" / "predictor").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("predictor, refill", zip(PREDICTORS, ["sjf", "lpt", "fifo", "sjf"]))
+def test_infinite_with_each_predictor_and_refill(tiny_cfg, predictor, refill):
+    """`sampler=infinite predictor=... sampler.refill=...` composes and trains; the predictor's
+    error is logged; a second step refits it online from the first step's rollouts."""
+    metrics, objects = train(tiny_cfg("sampler=infinite", f"predictor={predictor}",
+                                      f"sampler.refill={refill}", "sampler.probe_tokens=2",
+                                      "sampler.micro_group_size=3", "trainer.max_steps=2",
+                                      "model.max_new_tokens=8"))
+    assert objects["trainer"].global_step == 2
+    assert {"sampling/probe_steps", "sampling/steps_over_lb"} <= set(metrics)
+    extras = objects["model"].last_rollouts.stats.extras
+    assert extras["predictor"]["name"] == predictor and extras["refill"] == refill
+    if len(extras["predictor"]["true"]):
+        assert "predictor/mae" in metrics
+
+
 def test_training_changes_parameters_and_logs(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*DIGITS, "model.beta=0.1", "model.num_iterations=2", "model.lr=1e-3",
                    "trainer.max_steps=4")

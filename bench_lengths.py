@@ -1,0 +1,193 @@
+"""Length-aware scheduling benchmarks (Tables C and D of DESIGN.md section 8), run by bench.py.
+
+    python bench.py table=record data=chat num_prompts=16 max_new_tokens=512   # sample once
+    python bench.py table=predictor data=chat max_new_tokens=512               # Table D
+    python bench.py table=scheduler data=chat max_new_tokens=512               # Table C
+
+`record` samples the first `heldout_prompts` prompts with G = group_size (the held-out groups)
+and the rest with `record_group_size` (the predictors' training prompts), and saves both as
+rollout files (`datamodules/rollouts.py`). Table D fits each predictor on the training file for
+every probe length k and scores it on the held-out samples (the samples the sampler would ask
+about: L > k + 1). Table C schedules each held-out group on m slots: because every sample's
+tokens do not depend on its schedule, the decoding steps of any admission order follow exactly
+from the recorded lengths (`simulate_steps`, the engine's own list scheduling), so all
+scheduler x predictor variants are computed on the same samples; `real_runs` also runs micro,
+continuous and infinite on the first group to measure tokens/s and check simulated = measured.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from callbacks.predictor import predictor_metrics
+from datamodules.rollouts import examples, load_rollouts, save_rollouts
+from samplers.continuous import ContinuousSampler
+from samplers.infinite import InfiniteSampler
+from samplers.micro import MicroSampler
+from samplers.scheduling import (fptas_plan, list_schedule_makespan, planned_order,
+                                 refill_order, rounds_steps, simulate_steps, steps_lower_bound)
+
+PREDICTOR_CONFIGS = Path(__file__).parent / "configs" / "predictor"
+SCHEDULERS = [("fifo", "none", "fifo"), ("fptas", "fptas", "fifo"), ("sjf", "none", "sjf"),
+              ("lpt", "none", "lpt"), ("fptas+sjf", "fptas", "sjf"),
+              ("fptas+lpt", "fptas", "lpt")]  # (label, grouping, refill)
+
+
+def rollout_files(cfg: Any) -> dict[str, Path]:
+    return {part: Path(f"{cfg.rollouts}_{part}.pt") for part in ("train", "heldout")}
+
+
+def table_record(b: Any) -> list[dict]:
+    """Sample the held-out groups and the predictors' training prompts; save both."""
+    h = b.cfg.heldout_prompts
+    if not 0 < h < len(b.prompts):
+        raise ValueError(f"heldout_prompts must be in [1, num_prompts), got {h} with "
+                         f"num_prompts={len(b.prompts)}")
+    rows = []
+    for part, prompts, g in (("heldout", b.prompts[:h], b.cfg.group_size),
+                             ("train", b.prompts[h:], b.cfg.record_group_size)):
+        rollouts = ContinuousSampler(b.cfg.record_slots).sample(b.model, prompts, g, b.spec)
+        path = rollout_files(b.cfg)[part]
+        save_rollouts(path, prompts, rollouts)
+        lengths = sorted(rollouts.lengths.tolist())
+        rows.append(dict(part=part, prompts=len(prompts), G=g, samples=len(lengths),
+                         avg_len=sum(lengths) / len(lengths),
+                         median_len=statistics.median(lengths),
+                         p90_len=lengths[int(0.9 * (len(lengths) - 1))], max_len=lengths[-1],
+                         truncated=float((~rollouts.finished).float().mean()),
+                         wall_s=rollouts.stats.wall_time_s, file=str(path)))
+    return rows
+
+
+def load_files(b: Any) -> dict[str, dict]:
+    files = rollout_files(b.cfg)
+    for path in files.values():
+        if not path.is_file():
+            raise ValueError(f"rollouts file {path} is missing: run `python bench.py "
+                             f"table=record` with the same data and max_new_tokens first")
+    records = {part: load_rollouts(path) for part, path in files.items()}
+    longest = max(int(r["lengths"].max()) for r in records.values())
+    if longest > b.cfg.max_new_tokens:
+        raise ValueError(f"max_new_tokens={b.cfg.max_new_tokens} is below the recorded "
+                         f"lengths (up to {longest}): use the value the rollouts were made with")
+    return records
+
+
+def fit_predictor(b: Any, name: str, k: int, train: dict) -> Any:
+    """A fresh predictor of config `name`, fitted on the training file at probe length k."""
+    cfg = OmegaConf.load(PREDICTOR_CONFIGS / f"{name}.yaml")
+    if "refit_steps" in cfg:
+        cfg.refit_steps, cfg.buffer_size = b.cfg.fit_steps, 1 << 20
+    predictor = hydra.utils.instantiate(cfg)
+    predictor.bind(b.tokenizer)
+    batch, remaining = examples(train, k, model=b.model, needs_hidden=predictor.needs_hidden)
+    if not predictor.needs_oracle:
+        predictor.observe(batch, remaining)
+    return predictor
+
+
+def predict(b: Any, predictor: Any, records: dict, k: int,
+            prompts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    batch, remaining = examples(records, k, prompts, model=b.model,
+                                needs_hidden=predictor.needs_hidden)
+    return predictor.predict(batch).float(), remaining, batch
+
+
+def table_predictor(b: Any) -> list[dict]:
+    """Table D: k x predictor, scored on the held-out samples."""
+    records = load_files(b)
+    rows = []
+    for k in b.cfg.probe_sweep:
+        _, train_remaining = examples(records["train"], k)
+        for name in b.cfg.predictors:
+            start = time.perf_counter()
+            predictor = fit_predictor(b, name, k, records["train"])
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
+            predicted, true, _ = predict(b, predictor, records["heldout"], k)
+            per_sample_ms = 1e3 * (time.perf_counter() - start) / max(1, len(true))
+            rows.append(dict(k=k, predictor=name, **metric_row(predicted, true),
+                             train_n=len(train_remaining), fit_s=fit_s,
+                             predict_ms=per_sample_ms))
+        mean = float(train_remaining.float().mean()) if len(train_remaining) else 0.0
+        _, true = examples(records["heldout"], k)
+        rows.append(dict(k=k, predictor="constant (train mean)",
+                         **metric_row(torch.full((len(true),), mean), true),
+                         train_n=len(train_remaining)))
+    return rows
+
+
+def metric_row(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    return {key.split("/")[1]: value for key, value in predictor_metrics(predicted, true).items()}
+
+
+def table_scheduler(b: Any) -> list[dict]:
+    """Table C: every scheduler x {oracle, learned} on each held-out group (median rows in the
+    Markdown, per-group rows in the CSV), then real runs on the first group."""
+    records, k, m = load_files(b), b.cfg.probe_tokens, b.cfg.micro_group_size
+    learned = fit_predictor(b, b.cfg.scheduler_predictor, k, records["train"])
+    held = records["heldout"]
+    per_group = []
+    for i in range(len(held["prompts"])):
+        lengths = held["lengths"][held["prompt_index"] == i].tolist()
+        predicted, true, _ = predict(b, learned, held, k, [i])
+        base = dict(group=i, micro=rounds_steps(lengths, m),
+                    continuous=list_schedule_makespan(lengths, m),
+                    lb_all=steps_lower_bound(lengths, m),
+                    probe_steps=list_schedule_makespan([min(n, k + 1) for n in lengths], m)
+                    if k else 0)
+        for pname, pred, probe in (("oracle (k=0)", None, 0), (b.cfg.scheduler_predictor,
+                                                               predicted, k)):
+            rest = [n - probe for n in lengths if n > probe + 1]  # the decode phase's work
+            pred = [float(x) for x in (rest if pred is None else pred.tolist())]
+            for label, grouping, refill in SCHEDULERS:
+                order = (planned_order(fptas_plan(pred, m, b.cfg.epsilon), pred, refill)
+                         if grouping == "fptas" else refill_order(pred, refill))
+                steps = simulate_steps(rest, order, m)
+                total = steps + (base["probe_steps"] if probe else 0)
+                per_group.append(dict(
+                    **base, predictor=pname, scheduler=label, steps=steps,
+                    lb=steps_lower_bound(rest, m), steps_over_lb=steps / steps_lower_bound(rest, m),
+                    total_steps=total, micro_over_total=base["micro"] / total))
+    rows = summarize(per_group)
+    if b.cfg.real_runs:
+        rows += real_runs(b, held, learned)
+    b.extra_csv = per_group
+    return rows
+
+
+def summarize(per_group: list[dict]) -> list[dict]:
+    """Median over the held-out groups of each (predictor, scheduler)."""
+    rows = []
+    for key in dict.fromkeys((r["predictor"], r["scheduler"]) for r in per_group):
+        group = [r for r in per_group if (r["predictor"], r["scheduler"]) == key]
+        med = lambda f: statistics.median(r[f] for r in group)  # noqa: E731
+        rows.append(dict(predictor=key[0], scheduler=key[1], groups=len(group),
+                         steps=med("steps"), steps_over_lb=med("steps_over_lb"),
+                         max_steps_over_lb=max(r["steps_over_lb"] for r in group),
+                         total_steps=med("total_steps"), micro=med("micro"),
+                         continuous=med("continuous"),
+                         micro_over_total=med("micro_over_total")))
+    return rows
+
+
+def real_runs(b: Any, held: dict, learned: Any) -> list[dict]:
+    """micro, continuous and infinite on the first held-out prompt: tokens/s and steps."""
+    prompts, g, m = held["prompts"][:1], b.cfg.group_size, b.cfg.micro_group_size
+    infinite = InfiniteSampler(m, probe_tokens=b.cfg.probe_tokens, refill=b.cfg.refill,
+                               grouping=b.cfg.grouping, epsilon=b.cfg.epsilon,
+                               predictor=learned)
+    rows = [b.measure("micro (real)", MicroSampler(m), g, m, prompts=prompts),
+            b.measure("continuous (real)", ContinuousSampler(m), g, m, prompts=prompts),
+            b.measure(f"infinite {b.cfg.grouping}+{b.cfg.refill} (real)", infinite, g, m,
+                      prompts=prompts)]
+    return [dict(predictor=b.cfg.scheduler_predictor if "infinite" in r["sampler"] else None,
+                 scheduler=r["sampler"], groups=1, steps=r["steps"],
+                 steps_over_lb=r["steps"] / r["lb"], total_steps=r.get("total_steps", r["steps"]),
+                 tok_s=r["tok_s"], wall_s=r["wall_s"], peak_gb=r["peak_gb"]) for r in rows]

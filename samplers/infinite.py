@@ -1,0 +1,195 @@
+"""`infinite` sampler: continuous sampling on m slots, scheduled by predicted lengths.
+
+One `sample()` call (B prompts x G samples, m slots):
+
+1. Prefill every prompt once (its KV is shared by all its samples and both phases below).
+2. Probe: decode the first k = `probe_tokens` tokens of every sample, m at a time. A sample
+   that ends inside the probe is done; the others are parked outside the slots with their k
+   tokens of KV and their next token already drawn (`samplers.engine.Suspended`), so nothing
+   is recomputed later. k = 0 skips the probe (the first token is drawn from the prompt's
+   logits). Probe steps are counted apart, in `extras["probe_steps"]`.
+3. Predict each parked sample's remaining length with the predictor (config group
+   `predictor=oracle|history|minilm|hidden`, `samplers/length_predictors.py`).
+4. Plan an admission order (`samplers/scheduling.py`): `grouping: fptas` balances predicted
+   work across the m slots with the FPTAS plan and admits samples by planned start time;
+   `grouping: none` admits in refill order alone. `refill: sjf | lpt | fifo` orders samples
+   (inside each planned slot with fptas): shortest predicted first (the paper), longest first
+   (LPT, the classic makespan rule), or (prompt, sample) order.
+5. Decode the parked samples on m slots with continuous refill in that order, then hand the
+   true remaining lengths to the predictor so it refits online as the policy drifts.
+
+Every sample draws its tokens from its own stream, so the completions equal `full`'s for the
+same seed (schedule invariance); scheduling changes only decoding steps and wall time.
+`extras["steps_lower_bound"]` is max(max r, ceil(sum r / m)) over the remaining lengths r of
+the decode phase (probe steps counted apart, DESIGN.md section 6).
+
+    python train.py sampler=infinite predictor=hidden sampler.refill=lpt sampler.probe_tokens=8
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from samplers.base import GenerationSpec, Rollouts, sample_tokens, uniforms, validate_request
+from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended,
+                             check_slots, predict_peak_bytes, prefill, resolve_slots,
+                             to_rollouts)
+from samplers.length_predictors import HistoryPredictor, LengthPredictor, ProbeBatch
+from samplers.scheduling import (REFILLS, SampleQueue, fifo_order, fptas_plan,
+                                 list_schedule_makespan, planned_order, refill_order,
+                                 steps_lower_bound)
+
+GROUPINGS = ("fptas", "none")
+
+
+class InfiniteSampler:
+    def __init__(self, micro_group_size: int | str = 8, memory_budget_gb: float | None = None,
+                 probe_tokens: int = 8, refill: str = "lpt", grouping: str = "fptas",
+                 epsilon: float = 0.1, predictor: LengthPredictor | None = None) -> None:
+        check_slots(micro_group_size, memory_budget_gb)
+        if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) \
+                or probe_tokens < 0:
+            raise ValueError(f"probe_tokens must be an int >= 0, got {probe_tokens!r}")
+        if refill not in REFILLS:
+            raise ValueError(f"refill must be one of {REFILLS}, got {refill!r}")
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        if not 0 < epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
+        self.micro_group_size, self.memory_budget_gb = micro_group_size, memory_budget_gb
+        self.probe_tokens, self.refill, self.grouping = probe_tokens, refill, grouping
+        self.epsilon = epsilon
+        self.predictor = predictor if predictor is not None else HistoryPredictor()
+
+    def bind(self, tokenizer: Any) -> None:
+        """Give text predictors (minilm) the policy tokenizer to decode prompts and probes."""
+        self.predictor.bind(tokenizer)
+
+    def sample(self, model: Any, prompts: list[list[int]], group_size: int,
+               spec: GenerationSpec) -> Rollouts:
+        validate_request(model, prompts, group_size, spec)
+        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
+                          group_size, spec)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            done, parked, store = self.probe(model, prompts, group_size, spec, m)
+            samples = sorted(parked)
+            batch = self.probe_batch(prompts, samples, parked)
+            if self.predictor.needs_oracle:  # ablation only: a pre-pass with the same streams
+                oracle_start = time.perf_counter()
+                prepass = DecodeEngine(model, prompts, spec, m, store=store,
+                                       resume=parked).run(SampleQueue(samples))
+                batch.true_remaining = remaining_lengths(prepass, samples, self.probe_tokens)
+                oracle_s = time.perf_counter() - oracle_start
+            predicted = self.predictor.predict(batch).float().reshape(-1)  # [n]
+            ranks = self.order(predicted.tolist(), m)
+            order = [samples[x] for x in ranks]
+            main = DecodeEngine(model, prompts, spec, m, store=store,
+                                resume=parked).run(SampleQueue(order))
+        wall = time.perf_counter() - start - (oracle_s if self.predictor.needs_oracle else 0.0)
+        result = merge(done, main, store, prompts, wall)
+        true = remaining_lengths(main, samples, self.probe_tokens)
+        fit_start = time.perf_counter()
+        self.predictor.observe(batch, true)
+        result.extras.update(
+            slots=m, probe_tokens=self.probe_tokens, probe_steps=done.decoding_steps,
+            refill=self.refill, grouping=self.grouping,
+            steps_lower_bound=steps_lower_bound(true.tolist(), m),
+            planned_steps=list_schedule_makespan([round(float(predicted[x])) for x in ranks], m),
+            predictor={"name": self.predictor.name, "probe_tokens": self.probe_tokens,
+                       "predicted": predicted.cpu(), "true": true},
+            predictor_fit_s=time.perf_counter() - fit_start,
+            predicted_peak_bytes=predict_peak_bytes(model, prompts, spec, m),
+            predicted_sampling_bytes=predict_peak_bytes(model, prompts, spec, m)
+            - sum(p.numel() * p.element_size() for p in model.parameters()))
+        if self.predictor.needs_oracle:
+            result.extras["oracle_prepass_s"] = oracle_s
+        return to_rollouts(result, len(prompts), group_size, spec)
+
+    def probe(self, model: Any, prompts: list[list[int]], group_size: int,
+              spec: GenerationSpec, m: int
+              ) -> tuple[EngineResult, dict[SampleId, Suspended], dict[int, PromptKV]]:
+        """Prefill all prompts, then decode k tokens of every sample; returns (samples that
+        ended inside the probe, parked samples, prompt store)."""
+        device = next(model.parameters()).device
+        hidden = self.predictor.needs_hidden
+        store = {i: prefill(model, p, device, hidden) for i, p in enumerate(prompts)}
+        queue = fifo_order(len(prompts), group_size)
+        if self.probe_tokens == 0:
+            done = first_tokens(store, queue, spec)
+        else:
+            done = DecodeEngine(model, prompts, spec, m, store=store, capture_hidden=hidden,
+                                suspend_after=self.probe_tokens).run(SampleQueue(queue))
+        done.prefill_passes = len(prompts)
+        done.prefill_tokens = sum(len(p) for p in prompts)
+        return done, done.suspended, store
+
+    def probe_batch(self, prompts: list[list[int]], samples: list[SampleId],
+                    parked: dict[SampleId, Suspended]) -> ProbeBatch:
+        hidden = None
+        if self.predictor.needs_hidden and samples:
+            hidden = torch.stack([parked[s].hidden for s in samples]).float().cpu()  # [n, H]
+        return ProbeBatch(
+            prompts=prompts,
+            prompt_index=torch.tensor([i for i, _ in samples], dtype=torch.long),
+            sample_index=torch.tensor([j for _, j in samples], dtype=torch.long),
+            probe_ids=[parked[s].tokens[:-1] for s in samples], hidden=hidden)
+
+    def order(self, predicted: list[float], slots: int) -> list[int]:
+        """Admission order (indices into the parked samples) from predicted lengths."""
+        if self.grouping == "fptas":
+            plan = fptas_plan(predicted, slots, self.epsilon)
+            return planned_order(plan, predicted, self.refill)
+        return refill_order(predicted, self.refill)
+
+
+def first_tokens(store: dict[int, PromptKV], samples: list[SampleId],
+                 spec: GenerationSpec) -> EngineResult:
+    """k = 0: draw every sample's token 0 from its prompt's logits (no decoding step)."""
+    done = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0)
+    if not samples:
+        return done
+    prompt = torch.tensor([i for i, _ in samples])
+    index = torch.tensor([j for _, j in samples])
+    logits = torch.stack([store[i].logits for i, _ in samples])  # [N, V]
+    u = uniforms(spec.seed, prompt.to(logits.device), index.to(logits.device),
+                 torch.zeros_like(index, device=logits.device))
+    tokens = sample_tokens(logits, u, spec).tolist()
+    for (i, j), token in zip(samples, tokens):
+        if token in spec.eos_token_ids or spec.max_new_tokens == 1:
+            done.completions[(i, j)] = [token]
+            done.finished[(i, j)] = token in spec.eos_token_ids
+            done.finish_order.append((i, j))
+        else:
+            kv = store[i]
+            done.suspended[(i, j)] = Suspended([k[:, :0] for k in kv.keys],
+                                               [v[:, :0] for v in kv.values], [token],
+                                               kv.hidden)
+    return done
+
+
+def remaining_lengths(result: EngineResult, samples: list[SampleId], k: int) -> torch.Tensor:
+    """True remaining tokens after the probe: L - k for each parked sample."""
+    return torch.tensor([len(result.completions[s]) - k for s in samples], dtype=torch.long)
+
+
+def merge(done: EngineResult, main: EngineResult, store: dict[int, PromptKV],
+          prompts: list[list[int]], wall: float) -> EngineResult:
+    """One result for the two phases; the decode phase's trace is shifted past the probe."""
+    shift = done.decoding_steps
+    trace = done.slot_trace + [(slot, s, a + shift, b + shift) for slot, s, a, b in
+                               main.slot_trace]
+    result = EngineResult(
+        completions={**done.completions, **main.completions},
+        finished={**done.finished, **main.finished},
+        finish_order=done.finish_order + main.finish_order, cancelled=[],
+        decoding_steps=main.decoding_steps, prefill_passes=done.prefill_passes,
+        prefill_tokens=done.prefill_tokens,
+        peak_kv_bytes=max(done.peak_kv_bytes, main.peak_kv_bytes,
+                          sum(kv.nbytes for kv in store.values())),
+        max_concurrency=max(done.max_concurrency, main.max_concurrency), slot_trace=trace,
+        wall_time_s=wall)
+    store.clear()
+    return result

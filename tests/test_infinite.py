@@ -1,0 +1,135 @@
+"""The `infinite` sampler: exactness against `full`, probe/resume, oracle schedules at the
+lower bound, predictor wiring (ProbeBatch, online observe), and its config validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samplers.base import GenerationSpec
+from samplers.full import FullSampler
+from samplers.infinite import InfiniteSampler
+from samplers.length_predictors import HiddenPredictor, HistoryPredictor, OraclePredictor
+from samplers.scheduling import REFILLS, steps_lower_bound
+from tests.helpers import ScriptedLM, tiny_lm
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
+SCRIPTED = GenerationSpec(max_new_tokens=64, eos_token_ids=(ScriptedLM.EOS,))
+
+
+def completions(r) -> list[list[int]]:
+    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    r = FullSampler().sample(model, PROMPTS, 7, SPEC)
+    assert len(set(r.lengths.tolist())) > 3  # lengths vary, so schedules differ
+    return r
+
+
+VARIANTS = [(refill, grouping) for refill in REFILLS for grouping in ("fptas", "none")]
+
+
+@pytest.mark.parametrize("k, predictor, variants", [
+    (0, OraclePredictor, VARIANTS), (3, HistoryPredictor, VARIANTS),
+    (1, HiddenPredictor, VARIANTS[:2]), (25, HiddenPredictor, VARIANTS[:1]),
+])
+def test_schedule_invariance_against_full(model, reference, k, predictor, variants):
+    """float64: the same completions as `full` for every probe length, predictor and plan
+    (k = 25 > max_new_tokens: every sample ends inside the probe)."""
+    pred = predictor()
+    for refill, grouping in variants:
+        sampler = InfiniteSampler(3, probe_tokens=k, refill=refill, grouping=grouping,
+                                  predictor=pred)
+        r = sampler.sample(model, PROMPTS, 7, SPEC)
+        assert completions(r) == completions(reference), (refill, grouping)
+        assert torch.equal(r.finished, reference.finished)
+        assert r.stats.prefill_passes == len(PROMPTS)
+        assert r.stats.max_concurrency <= 3
+
+
+@pytest.mark.parametrize("lengths, m", [
+    ([8, 4, 4, 4, 4], 2),          # FIFO: 16 steps; a balanced plan: 12 = LB
+    ([3, 3, 2, 2, 2], 2),          # LPT alone: 7; optimum = LB = 6
+    ([9, 2, 2, 1, 3, 3, 6], 3),    # LB = max L = 9
+    ([5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4], 4),
+])
+def test_oracle_reaches_the_lower_bound(lengths, m):
+    """Hand-made lengths (one prompt per sample) where LB is reachable: fptas + oracle hits it."""
+    model = ScriptedLM()
+    prompts = [[n, 4, 4] for n in lengths]
+    sampler = InfiniteSampler(m, probe_tokens=0, refill="lpt", predictor=OraclePredictor())
+    r = sampler.sample(model, prompts, 1, SCRIPTED)
+    assert r.lengths.tolist() == lengths and bool(r.finished.all())
+    parked = [n for n in lengths if n > 1]  # L = 1 ends with the token drawn at prefill
+    assert r.stats.extras["steps_lower_bound"] == steps_lower_bound(parked, m)
+    assert r.stats.decoding_steps == steps_lower_bound(parked, m)
+    assert r.stats.extras["probe_steps"] == 0
+
+
+def test_probe_steps_and_remaining_work():
+    """k probe tokens: each sample with L > k + 1 is parked and takes exactly L - k decode-phase
+    row-steps; the probe takes k + 1 steps per wave of m samples."""
+    lengths, m, k = [10, 3, 7, 2, 12, 6], 3, 2
+    model = ScriptedLM()
+    r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
+        model, [[n, 4] for n in lengths], 1, SCRIPTED)
+    extras = r.stats.extras
+    assert r.lengths.tolist() == lengths
+    assert extras["probe_steps"] == 2 * (k + 1)  # two waves of three
+    parked = [n - k for n in lengths if n > k + 1]
+    assert extras["predictor"]["true"].tolist() == parked
+    assert torch.equal(extras["predictor"]["predicted"], torch.tensor(parked, dtype=torch.float))
+    assert extras["steps_lower_bound"] == steps_lower_bound(parked, m)
+    assert r.stats.decoding_steps == steps_lower_bound(parked, m)  # the oracle plan is tight
+    trace = extras["slot_trace"]
+    assert len(trace) == len(lengths) + len(parked)  # probe spans + decode-phase spans
+    assert all(start >= extras["probe_steps"] for _, s, start, _ in trace[len(lengths):])
+
+
+def test_predictor_sees_probe_and_hidden_and_is_refitted():
+    lengths, k = [10, 4, 7, 12, 6], 2
+    model = ScriptedLM()
+    seen = {}
+
+    class Spy(HiddenPredictor):
+        def predict(self, batch):
+            seen["batch"] = batch
+            return super().predict(batch)
+
+        def observe(self, batch, remaining):
+            seen["remaining"] = remaining
+            super().observe(batch, remaining)
+
+    r = InfiniteSampler(2, probe_tokens=k, predictor=Spy(refit_steps=1)).sample(
+        model, [[n, 4] for n in lengths], 1, SCRIPTED)
+    batch = seen["batch"]
+    assert batch.probe_ids == [[ScriptedLM.FILLER] * k] * 5
+    assert batch.prompt_index.tolist() == [0, 1, 2, 3, 4]
+    # hidden = [L, tokens fed] at the last probe token (the scripted model's features)
+    assert batch.hidden.tolist() == [[n, k] for n in lengths]
+    assert seen["remaining"].tolist() == [n - k for n in lengths]
+    assert len(r) == 5
+
+
+def test_memory_counts_parked_probe_kv(model):
+    base = InfiniteSampler(2, probe_tokens=0).sample(model, PROMPTS, 8, SPEC)
+    probed = InfiniteSampler(2, probe_tokens=6).sample(model, PROMPTS, 8, SPEC)
+    assert probed.stats.peak_kv_bytes > base.stats.peak_kv_bytes  # parked k-token KV
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(probe_tokens=-1), "probe_tokens"), (dict(refill="rr"), "refill"),
+    (dict(grouping="greedy"), "grouping"), (dict(epsilon=0.0), "epsilon"),
+    (dict(epsilon=1.5), "epsilon"), (dict(micro_group_size=0), "micro_group_size"),
+    (dict(micro_group_size="auto"), "memory_budget_gb"),
+])
+def test_bad_config_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        InfiniteSampler(**kwargs)

@@ -1,0 +1,98 @@
+"""Offline training of a length predictor (minilm or hidden) on saved rollouts.
+
+    python train_predictor.py predictor=hidden rollouts=bench_results/rollouts.pt probe_tokens=8
+    python train_predictor.py predictor=minilm rollouts=<file> max_epochs=50 policy=tiny
+    python train_predictor.py predictor=hidden predictor.path=predictors/hidden.pt rollouts=<file>
+
+Record the rollouts file with `datamodules.rollouts.save_rollouts`. The predictor is trained on
+the prompts of the file minus `val_fraction` held-out prompts (logged as predictor/* on val) and
+saved to `predictor.path`, or to `output_path` (the run dir) when that is null; the `infinite`
+sampler loads it with `predictor=<name> predictor.path=<file>`.
+
+`train_predictor(cfg)` is one flat, ordered function (seed -> policy -> predictor -> module ->
+data -> loggers -> trainer -> fit -> save) that returns (metrics, objects); tests call it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from datamodules.rollouts import PredictorDataModule  # noqa: E402
+from modules.predictor_module import PredictorModule  # noqa: E402
+from samplers.predictor_head import check_number  # noqa: E402
+from train import instantiate_group, user_error  # noqa: E402
+
+log = logging.getLogger("train_predictor")
+
+
+def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    check_number("probe_tokens", cfg.probe_tokens, 0, integer=True)
+    if not cfg.get("rollouts") or not Path(cfg.rollouts).is_file():
+        raise ValueError(f"rollouts={cfg.get('rollouts')!r} is not a file: record one with "
+                         f"datamodules.rollouts.save_rollouts")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    log.info("policy <%s>", cfg.policy._target_)
+    policy = hydra.utils.instantiate(cfg.policy)
+    log.info("predictor <%s>", cfg.predictor._target_)
+    predictor = hydra.utils.instantiate(cfg.predictor)
+    predictor.bind(policy.tokenizer)
+
+    module = PredictorModule(predictor)  # checks that the predictor has a trainable head
+    datamodule = PredictorDataModule(
+        cfg.rollouts, cfg.probe_tokens, featurize=predictor.features, model=policy.model,
+        needs_hidden=predictor.needs_hidden, batch_size=cfg.batch_size,
+        val_fraction=cfg.val_fraction, seed=cfg.seed or 0)
+
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
+    hparams = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))
+
+    trainer.fit(model=module, datamodule=datamodule)
+
+    path = cfg.predictor.get("path") or cfg.output_path
+    predictor.save(path)
+    log.info("saved the %s predictor to %s", predictor.name, path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    objects = dict(cfg=cfg, policy=policy, predictor=predictor, datamodule=datamodule,
+                   module=module, loggers=loggers, trainer=trainer, path=str(path))
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train_predictor.yaml")
+def main(cfg: DictConfig) -> float | None:
+    output_dir = Path(cfg.paths.output_dir)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    log.info("config:\n%s", text)
+    (output_dir / "config_tree.yaml").write_text(text)
+    try:
+        metrics, objects = train_predictor(cfg)
+    except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
+        cause = user_error(err)
+        log.exception("run failed; output dir: %s", output_dir)
+        if cause is None:
+            raise
+        print(f"\nerror: {type(cause).__name__}: {cause}\n(details: {output_dir})",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                        if k.startswith("predictor/"))
+    print(f"\ntrained the {objects['predictor'].name} predictor: {summary}")
+    print(f"saved: {objects['path']}\nlogs: {output_dir}")
+    return metrics.get("predictor/mae")
+
+
+if __name__ == "__main__":
+    main()
