@@ -128,36 +128,35 @@ def metric_row(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
 
 
 def table_scheduler(b: Any) -> list[dict]:
-    """Table C: every scheduler x {oracle, learned} on each held-out group (median rows in the
-    Markdown, per-group rows in the CSV), then real runs on the first group."""
+    """Table C: every scheduler x {oracle, each learned predictor} on each held-out group
+    (median rows in the Markdown, per-group rows in the CSV), then real runs on group 0."""
     records, k, m = load_files(b), b.cfg.probe_tokens, b.cfg.micro_group_size
-    learned = fit_predictor(b, b.cfg.scheduler_predictor, k, records["train"])
     held = records["heldout"]
+    fitted = {name: fit_predictor(b, name, k, records["train"]) for name in b.cfg.predictors}
     per_group = []
     for i in range(len(held["prompts"])):
         lengths = held["lengths"][held["prompt_index"] == i].tolist()
-        predicted, true, _ = predict(b, learned, held, k, [i])
         base = dict(group=i, micro=rounds_steps(lengths, m),
                     continuous=list_schedule_makespan(lengths, m),
-                    lb_all=steps_lower_bound(lengths, m),
                     probe_steps=list_schedule_makespan([min(n, k + 1) for n in lengths], m)
                     if k else 0)
-        for pname, pred, probe in (("oracle (k=0)", None, 0), (b.cfg.scheduler_predictor,
-                                                               predicted, k)):
+        predictions = {"oracle (k=0)": (None, 0)}
+        for name, predictor in fitted.items():
+            predictions[name] = (predict(b, predictor, held, k, [i])[0].tolist(), k)
+        for pname, (pred, probe) in predictions.items():
             rest = [n - probe for n in lengths if n > probe + 1]  # the decode phase's work
-            pred = [float(x) for x in (rest if pred is None else pred.tolist())]
+            pred = [float(x) for x in (rest if pred is None else pred)]
             for label, grouping, refill in SCHEDULERS:
                 order = (planned_order(fptas_plan(pred, m, b.cfg.epsilon), pred, refill)
                          if grouping == "fptas" else refill_order(pred, refill))
-                steps = simulate_steps(rest, order, m)
+                steps, lb = simulate_steps(rest, order, m), steps_lower_bound(rest, m)
                 total = steps + (base["probe_steps"] if probe else 0)
-                per_group.append(dict(
-                    **base, predictor=pname, scheduler=label, steps=steps,
-                    lb=steps_lower_bound(rest, m), steps_over_lb=steps / steps_lower_bound(rest, m),
-                    total_steps=total, micro_over_total=base["micro"] / total))
+                per_group.append(dict(**base, predictor=pname, scheduler=label, steps=steps,
+                                      lb=lb, steps_over_lb=steps / lb, total_steps=total,
+                                      micro_over_total=base["micro"] / total))
     rows = summarize(per_group)
     if b.cfg.real_runs:
-        rows += real_runs(b, held, learned)
+        rows += real_runs(b, held, fitted[b.cfg.scheduler_predictor])
     b.extra_csv = per_group
     return rows
 
