@@ -52,8 +52,12 @@ def table_record(b: Any) -> list[dict]:
     rows = []
     for part, prompts, g in (("heldout", b.prompts[:h], b.cfg.group_size),
                              ("train", b.prompts[h:], b.cfg.record_group_size)):
-        rollouts = ContinuousSampler(b.cfg.record_slots).sample(b.model, prompts, g, b.spec)
         path = rollout_files(b.cfg)[part]
+        if path.is_file() and not b.cfg.overwrite:  # e.g. re-record only the training part
+            if load_rollouts(path)["prompts"] != prompts:
+                raise ValueError(f"{path} holds other prompts: pass overwrite=true")
+            continue
+        rollouts = ContinuousSampler(b.cfg.record_slots).sample(b.model, prompts, g, b.spec)
         save_rollouts(path, prompts, rollouts)
         lengths = sorted(rollouts.lengths.tolist())
         rows.append(dict(part=part, prompts=len(prompts), G=g, samples=len(lengths),
@@ -136,7 +140,9 @@ def table_scheduler(b: Any) -> list[dict]:
     per_group = []
     for i in range(len(held["prompts"])):
         lengths = held["lengths"][held["prompt_index"] == i].tolist()
-        base = dict(group=i, micro=rounds_steps(lengths, m),
+        base = dict(group=i, avg_len=sum(lengths) / len(lengths),
+                    capped=sum(n >= b.cfg.max_new_tokens for n in lengths) / len(lengths),
+                    micro=rounds_steps(lengths, m),
                     continuous=list_schedule_makespan(lengths, m),
                     probe_steps=list_schedule_makespan([min(n, k + 1) for n in lengths], m)
                     if k else 0)
@@ -168,6 +174,7 @@ def summarize(per_group: list[dict]) -> list[dict]:
         group = [r for r in per_group if (r["predictor"], r["scheduler"]) == key]
         med = lambda f: statistics.median(r[f] for r in group)  # noqa: E731
         rows.append(dict(predictor=key[0], scheduler=key[1], groups=len(group),
+                         avg_len=med("avg_len"), capped=med("capped"),
                          steps=med("steps"), steps_over_lb=med("steps_over_lb"),
                          max_steps_over_lb=max(r["steps_over_lb"] for r in group),
                          total_steps=med("total_steps"), micro=med("micro"),

@@ -34,8 +34,8 @@ import torch
 
 from samplers.base import GenerationSpec, Rollouts, sample_tokens, uniforms, validate_request
 from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended,
-                             check_slots, predict_peak_bytes, prefill, resolve_slots,
-                             to_rollouts)
+                             check_slots, kv_bytes_per_token, predict_peak_bytes, prefill,
+                             resolve_slots, to_rollouts)
 from samplers.length_predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.scheduling import (REFILLS, SampleQueue, fifo_order, fptas_plan,
                                  list_schedule_makespan, planned_order, refill_order,
@@ -70,8 +70,7 @@ class InfiniteSampler:
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
-        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
-                          group_size, spec)
+        m = self.slots(model, prompts, group_size, spec)
         start = time.perf_counter()
         with torch.inference_mode():
             done, parked, store = self.probe(model, prompts, group_size, spec, m)
@@ -101,12 +100,36 @@ class InfiniteSampler:
             predictor={"name": self.predictor.name, "probe_tokens": self.probe_tokens,
                        "predicted": predicted.cpu(), "true": true},
             predictor_fit_s=time.perf_counter() - fit_start,
-            predicted_peak_bytes=predict_peak_bytes(model, prompts, spec, m),
-            predicted_sampling_bytes=predict_peak_bytes(model, prompts, spec, m)
+            predicted_peak_bytes=self.peak_bytes(model, prompts, group_size, spec, m),
+            predicted_sampling_bytes=self.peak_bytes(model, prompts, group_size, spec, m)
             - sum(p.numel() * p.element_size() for p in model.parameters()))
         if self.predictor.needs_oracle:
             result.extras["oracle_prepass_s"] = oracle_s
         return to_rollouts(result, len(prompts), group_size, spec)
+
+    def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
+                   spec: GenerationSpec, slots: int) -> int:
+        """The engine's predicted peak plus what `infinite` keeps besides: every prompt's KV
+        for the whole call and the parked probe KV (k tokens of each of the B x G samples)."""
+        per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+        kept = sum(len(p) for p in prompts) + len(prompts) * group_size * self.probe_tokens
+        return predict_peak_bytes(model, prompts, spec, slots) + kept * per_token
+
+    def slots(self, model: Any, prompts: list[list[int]], group_size: int,
+              spec: GenerationSpec) -> int:
+        """m itself, or with `auto` the largest m whose peak (parked KV included) fits."""
+        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
+                          group_size, spec)
+        if self.micro_group_size == "auto":
+            budget = self.memory_budget_gb * (1 << 30)
+            while m > 1 and self.peak_bytes(model, prompts, group_size, spec, m) > budget:
+                m -= 1
+            need = self.peak_bytes(model, prompts, group_size, spec, m)
+            if need > budget:
+                raise ValueError(f"memory_budget_gb={self.memory_budget_gb} is below the "
+                                 f"{need / (1 << 30):.3f} GiB that one slot plus the parked "
+                                 f"probe KV need (lower probe_tokens or group_size)")
+        return m
 
     def probe(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec, m: int

@@ -133,3 +133,23 @@ def test_memory_counts_parked_probe_kv(model):
 def test_bad_config_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         InfiniteSampler(**kwargs)
+
+
+def test_auto_slots_count_the_parked_probe_kv(model):
+    """`auto` m under a budget: the parked probe KV (B x G x k tokens) is in the prediction."""
+    spec = GenerationSpec(8, eos_token_ids=(3,))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = InfiniteSampler(probe_tokens=8).peak_bytes(model, PROMPTS, 64, spec, 3) + 1
+    m0 = InfiniteSampler("auto", budget / (1 << 30), probe_tokens=0).slots(model, PROMPTS, 64,
+                                                                           spec)
+    probed = InfiniteSampler("auto", budget / (1 << 30), probe_tokens=8)
+    m8 = probed.slots(model, PROMPTS, 64, spec)
+    assert m8 == 3 and m0 > m8
+    assert probed.peak_bytes(model, PROMPTS, 64, spec, m8) <= budget < \
+        probed.peak_bytes(model, PROMPTS, 64, spec, m8 + 1)
+    r = probed.sample(model, PROMPTS, 64, spec)
+    assert r.stats.extras["slots"] == m8 and r.stats.max_concurrency <= m8
+    assert r.stats.peak_kv_bytes <= r.stats.extras["predicted_peak_bytes"] - weights
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        InfiniteSampler("auto", budget / (1 << 30), probe_tokens=64).slots(model, PROMPTS, 64,
+                                                                           spec)
