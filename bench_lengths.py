@@ -11,7 +11,8 @@ every probe length k and scores it on the held-out samples (the samples the samp
 about: L > k + 1). Table C schedules each held-out group on m slots: because every sample's
 tokens do not depend on its schedule, the decoding steps of any admission order follow exactly
 from the recorded lengths (`simulate_steps`, the engine's own list scheduling), so all
-scheduler x predictor variants are computed on the same samples; `real_runs` also runs micro,
+scheduler x predictor variants are computed on the same samples (predictions are clipped to
+[0, max_new_tokens - k], as the sampler does); `real_runs` also runs micro,
 continuous and infinite on the first group to measure tokens/s and check simulated = measured.
 """
 from __future__ import annotations
@@ -100,7 +101,8 @@ def predict(b: Any, predictor: Any, records: dict, k: int,
             prompts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     batch, remaining = examples(records, k, prompts, model=b.model,
                                 needs_hidden=predictor.needs_hidden)
-    return predictor.predict(batch).float(), remaining, batch
+    limit = b.cfg.max_new_tokens - k  # as the sampler does: nothing has more tokens left
+    return predictor.predict(batch).float().clamp(0, limit), remaining, batch
 
 
 def table_predictor(b: Any) -> list[dict]:
