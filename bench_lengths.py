@@ -120,7 +120,7 @@ def table_predictor(b: Any) -> list[dict]:
             per_sample_ms = 1e3 * (time.perf_counter() - start) / max(1, len(true))
             rows.append(dict(k=k, predictor=name, **metric_row(predicted, true),
                              train_n=len(train_remaining), fit_s=fit_s,
-                             predict_ms=per_sample_ms))
+                             predict_ms_with_features=per_sample_ms))
         mean = float(train_remaining.float().mean()) if len(train_remaining) else 0.0
         _, true = examples(records["heldout"], k)
         rows.append(dict(k=k, predictor="constant (train mean)",
