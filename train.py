@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -83,14 +83,15 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
-def main(cfg: DictConfig) -> float | None:
+def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) -> tuple:
+    """Save the config tree, then run; a bad-input error becomes one `error:` line and exit 1
+    (the traceback goes to the run's log), anything else is re-raised."""
     output_dir = Path(cfg.paths.output_dir)
     text = OmegaConf.to_yaml(cfg, resolve=True)
     log.info("config:\n%s", text)
     (output_dir / "config_tree.yaml").write_text(text)
     try:
-        metrics, objects = train(cfg)
+        return run(cfg)
     except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
         cause = user_error(err)
         log.exception("run failed; output dir: %s", output_dir)
@@ -99,6 +100,11 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\nerror: {type(cause).__name__}: {cause}\n(details: {output_dir})",
               file=sys.stderr)
         raise SystemExit(1) from None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics, objects = run_reporting_errors(train, cfg)
     trainer = objects["trainer"]
     if trainer.is_global_zero:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())

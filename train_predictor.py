@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from datamodules.rollouts import PredictorDataModule  # noqa: E402
 from modules.predictor_module import PredictorModule  # noqa: E402
 from samplers.predictor_head import check_number  # noqa: E402
-from train import instantiate_group, user_error  # noqa: E402
+from train import instantiate_group, run_reporting_errors  # noqa: E402
 
 log = logging.getLogger("train_predictor")
 
@@ -73,24 +72,11 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_predictor.yaml")
 def main(cfg: DictConfig) -> float | None:
-    output_dir = Path(cfg.paths.output_dir)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    log.info("config:\n%s", text)
-    (output_dir / "config_tree.yaml").write_text(text)
-    try:
-        metrics, objects = train_predictor(cfg)
-    except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
-        cause = user_error(err)
-        log.exception("run failed; output dir: %s", output_dir)
-        if cause is None:
-            raise
-        print(f"\nerror: {type(cause).__name__}: {cause}\n(details: {output_dir})",
-              file=sys.stderr)
-        raise SystemExit(1) from None
+    metrics, objects = run_reporting_errors(train_predictor, cfg)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                         if k.startswith("predictor/"))
     print(f"\ntrained the {objects['predictor'].name} predictor: {summary}")
-    print(f"saved: {objects['path']}\nlogs: {output_dir}")
+    print(f"saved: {objects['path']}\nlogs: {cfg.paths.output_dir}")
     return metrics.get("predictor/mae")
 
 
