@@ -85,7 +85,7 @@ class InfiniteSampler:
             # no sample can have more than max_new_tokens - k tokens left: a learned head
             # that extrapolates (exp of a log-length) must not wreck the plan
             predicted = self.predictor.predict(batch).float().reshape(-1).clamp(
-                0, spec.max_new_tokens - self.probe_tokens)  # [n]
+                0, max(0, spec.max_new_tokens - self.probe_tokens))  # [n]
             ranks = self.order(predicted.tolist(), m)
             order = [samples[x] for x in ranks]
             main = DecodeEngine(model, prompts, spec, m, store=store,
