@@ -110,6 +110,7 @@ def main(cfg: DictConfig) -> float | None:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                             if k.startswith(("train/reward", "train/accuracy", "val/")))
         print(f"\nfinished {trainer.global_step} steps: {summary}")
+        output_dir = cfg.paths.output_dir
         print(f"logs: {output_dir}\nTensorBoard: tensorboard --logdir {output_dir}/tensorboard")
     return metrics.get(cfg.get("optimized_metric") or "")
 
