@@ -292,9 +292,8 @@ class _Run:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
         if self.e.suspend_after is not None:  # probe: park rows that sampled token k
-            parked = [self.sample[r] for r in range(self.n)
-                      if int(self.generated[r]) == self.e.suspend_after + 1]
-            for sample in parked:
+            rows = (self.generated[: self.n] == self.e.suspend_after + 1).nonzero().flatten()
+            for sample in [self.sample[r] for r in rows.tolist()]:  # one device sync
                 self.suspend(sample, step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
