@@ -95,6 +95,8 @@ class InfiniteSampler:
         true = remaining_lengths(main, samples, self.probe_tokens)
         fit_start = time.perf_counter()
         self.predictor.observe(batch, true)
+        peak = self.peak_bytes(model, prompts, group_size, spec, m)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         result.extras.update(
             slots=m, probe_tokens=self.probe_tokens, probe_steps=done.decoding_steps,
             refill=self.refill, grouping=self.grouping,
@@ -103,9 +105,7 @@ class InfiniteSampler:
             predictor={"name": self.predictor.name, "probe_tokens": self.probe_tokens,
                        "predicted": predicted.cpu(), "true": true},
             predictor_fit_s=time.perf_counter() - fit_start,
-            predicted_peak_bytes=self.peak_bytes(model, prompts, group_size, spec, m),
-            predicted_sampling_bytes=self.peak_bytes(model, prompts, group_size, spec, m)
-            - sum(p.numel() * p.element_size() for p in model.parameters()))
+            predicted_peak_bytes=peak, predicted_sampling_bytes=peak - weights)
         if self.predictor.needs_oracle:
             result.extras["oracle_prepass_s"] = oracle_s
         return to_rollouts(result, len(prompts), group_size, spec)
