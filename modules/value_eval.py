@@ -1,0 +1,185 @@
+"""Measuring a model's value orientation (DESIGN.md section 9): the portrait questionnaire,
+open-ended answers scored by the ValueEval dictionary classifier, and perplexity.
+
+- Questionnaire: at the answer position the model's probabilities over the six option tokens
+  "1".."6" give an expected score per item; scores are centred on the respondent's mean over
+  all items (the usual correction for scale use), then averaged per value, and the values per
+  dimension.
+- Open-ended answers: `pyvalues`' English dictionary classifier labels each sentence with the
+  values whose dictionary words it uses; a value's score is the fraction of sentences so
+  labelled.
+- Perplexity of neutral text, optionally with steering applied at every position.
+
+    probs = answer_probabilities(model, prompts, option_token_ids(tokenizer))   # [n, 6]
+    values, dims = centred_scores(expected_scores(probs), item_values, value_dims)
+"""
+from __future__ import annotations
+
+import math
+import re
+from importlib.resources import files
+from typing import Any, Sequence
+
+import torch
+
+BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
+                "security", "conformity", "tradition", "benevolence", "universalism")
+_PYVALUES_NAMES = {"Self-Direction": "self_direction", "Stimulation": "stimulation",
+                   "Hedonism": "hedonism", "Achievement": "achievement", "Power": "power",
+                   "Security": "security", "Conformity": "conformity",
+                   "Tradition": "tradition", "Benevolence": "benevolence",
+                   "Universalism": "universalism"}
+
+
+def option_token_ids(tokenizer: Any, options: int = 6) -> list[int]:
+    """The token id of each answer digit "1".."options" (each must be a single token)."""
+    ids = []
+    for k in range(1, options + 1):
+        tokens = tokenizer.encode(str(k), add_special_tokens=False)
+        if len(tokens) != 1:
+            raise ValueError(f"the tokenizer splits the answer option {k!r} into {tokens}; "
+                             "the questionnaire needs one token per option")
+        ids.append(tokens[0])
+    return ids
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [b, S]
+    attention = torch.zeros_like(ids)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):] = torch.tensor(list(prompt))
+        attention[r, width - len(prompt):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), attention.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]], option_ids: list[int],
+                         pad_token_id: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """[n, options]: next-token probabilities of the option tokens after each prompt,
+    renormalised over the options. Prompts are left-padded, so each forward's last position is
+    every row's answer position (the one a `steer` context steers)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids, attention, positions = _left_padded(prompts[start: start + batch_size],
+                                                 pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [b, V]
+        out.append(torch.softmax(logits[:, option_ids], dim=-1).cpu())
+    return torch.cat(out)
+
+
+def expected_scores(probs: torch.Tensor) -> torch.Tensor:
+    """[n, K] option probabilities -> [n] expected answer in 1..K."""
+    levels = torch.arange(1, probs.shape[-1] + 1, dtype=probs.dtype)
+    return (probs * levels).sum(-1) / probs.sum(-1)
+
+
+def centred_scores(scores: torch.Tensor, item_values: Sequence[str],
+                   value_dims: dict[str, str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Item scores [n] -> (value -> mean centred score, dimension -> mean of its values)."""
+    centred = scores.double() - scores.double().mean()
+    values = {}
+    for value in dict.fromkeys(item_values):
+        rows = torch.tensor([v == value for v in item_values])
+        values[value] = float(centred[rows].mean())
+    dims: dict[str, list[float]] = {}
+    for value, score in values.items():
+        dims.setdefault(value_dims[value], []).append(score)
+    return values, {d: sum(s) / len(s) for d, s in dims.items()}
+
+
+def dimension_shift(base: torch.Tensor, steered: torch.Tensor, item_values: Sequence[str],
+                    value_dims: dict[str, str], dimension: str, boot: int = 1000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Centred dimension score of `steered` minus that of `base` (both [n], paired by item),
+    with a 95% bootstrap interval over items (resampled within each value)."""
+    diff = (steered.double() - steered.double().mean()) - (base.double() - base.double().mean())
+    groups = [torch.tensor([i for i, v in enumerate(item_values) if v == value])
+              for value in dict.fromkeys(item_values) if value_dims[value] == dimension]
+    if not groups:
+        raise ValueError(f"the questionnaire has no item for dimension {dimension!r}")
+    point = sum(float(diff[g].mean()) for g in groups) / len(groups)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.zeros(boot, dtype=torch.float64)
+    for g in groups:
+        picks = g[torch.randint(len(g), (boot, len(g)), generator=gen)]  # [boot, n_value]
+        draws += diff[picks].mean(-1)
+    draws /= len(groups)
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return point, float(low), float(high)
+
+
+class TextValueScorer:
+    """Scores texts per basic value with the `pyvalues` (ValueEval) English dictionary
+    classifier: the fraction of a text's sentences the classifier labels with the value."""
+
+    def __init__(self, language: str = "en") -> None:
+        try:
+            from pyvalues.dictionary_classifier import OriginalValuesDictionaryClassifier
+        except ImportError as err:
+            raise ImportError("open-ended value scoring needs the `pyvalues` package "
+                              "(make install puts it in .venv)") from err
+        resource = files("pyvalues.assets.dictionaries.20221007") / f"{language}.json"
+        if not resource.is_file():
+            raise ValueError(f"pyvalues has no dictionary for language {language!r}")
+        with resource.open() as handle:
+            self.classifier = OriginalValuesDictionaryClassifier(language=language,
+                                                                 dictionaries=handle)
+        self.language = language
+
+    def labels(self, sentence: str) -> set[str]:
+        (labels,) = list(self.classifier._classify_document([sentence], self.classifier._language))
+        return {_PYVALUES_NAMES[label] for label in labels if label in _PYVALUES_NAMES}
+
+    def score(self, texts: Sequence[str]) -> torch.Tensor:
+        """[n, 10] in BASIC_VALUES order; a text with no sentence scores 0 everywhere."""
+        out = torch.zeros(len(texts), len(BASIC_VALUES), dtype=torch.float64)
+        for row, text in enumerate(texts):
+            sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+            for sentence in sentences:
+                for value in self.labels(sentence):
+                    out[row, BASIC_VALUES.index(value)] += 1.0 / len(sentences)
+        return out
+
+
+def dimension_text_scores(scores: torch.Tensor, value_dims: dict[str, str]) -> dict[str, float]:
+    """[n, 10] per-text value scores -> dimension -> mean over texts and over its values."""
+    means = scores.mean(0)
+    dims: dict[str, list[float]] = {}
+    for k, value in enumerate(BASIC_VALUES):
+        dims.setdefault(value_dims[value], []).append(float(means[k]))
+    return {d: sum(s) / len(s) for d, s in dims.items()}
+
+
+@torch.no_grad()
+def perplexity(model: Any, texts: Sequence[Sequence[int]], steering: Any = None,
+               batch_size: int = 8, pad_token_id: int = 0) -> float:
+    """exp(mean next-token NLL) over all tokens of `texts` after their first. With a
+    `steer(...)` context's Steering, every position is steered (not only a response's)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        width = max(len(t) for t in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        for r, tokens in enumerate(chunk):
+            ids[r, : len(tokens)] = torch.tensor(list(tokens))
+            valid[r, : len(tokens)] = True
+        ids, valid = ids.to(device), valid.to(device)
+        if steering is not None:
+            steering.positions = valid
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        finally:
+            if steering is not None:
+                steering.positions = None
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = valid[:, 1:]
+        nll -= float(logp[mask].sum())
+        count += int(mask.sum())
+    return math.exp(nll / max(1, count))

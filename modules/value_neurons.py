@@ -1,0 +1,414 @@
+"""Value neurons (ValueLocate, arXiv 2505.17712): activation statistics of every gated-MLP
+neuron, neuron selection by contrasting two value poles, and steering (DESIGN.md section 9).
+
+A gated MLP computes down(act(gate(x)) * up(x)); its neurons are the d_ff entries of
+a = act(gate(x)), with the model's own `act_fn` (SiLU for Llama/Qwen, GeLU-tanh for Gemma).
+
+    stats = ActivationStats.for_model(model)
+    with record_activations(model, stats) as rec:
+        rec.mask = response_mask                       # [B, T] bool: response tokens only
+        model(input_ids=ids)
+    summary = stats.compute()                          # .prob, .p95: [layers, d_ff]
+    neurons = select_neurons(p_pos, p_neg, top_k=100, min_delta=0.2, scale=summary.p95)
+    with steer(model, neurons, gamma=1.0):
+        model.generate(...)                            # or any sampler of samplers/
+
+Both contexts swap each MLP's `act_fn` for a wrapper and put the original back on exit, so
+they work inside the decode engine, `model.generate` and the training forward alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torchmetrics import Metric
+
+DIMENSIONS = ("openness_to_change", "conservation", "self_enhancement", "self_transcendence")
+OPPOSITE = {"openness_to_change": "conservation", "conservation": "openness_to_change",
+            "self_enhancement": "self_transcendence", "self_transcendence": "self_enhancement"}
+
+# Histogram of activations per neuron, for the 95th percentile: bin 0 holds a <= 0, then
+# geometric bins from 1e-3 to 1e2 (about 10% wide), then one overflow bin.
+_EDGES = torch.cat([torch.zeros(1), torch.logspace(-3, 2, 127, dtype=torch.float64).float()])
+NUM_BINS = len(_EDGES) + 1
+
+
+def check_dimension(name: str, setting: str = "dimension") -> str:
+    if name not in DIMENSIONS:
+        raise ValueError(f"{setting}={name!r} is not a value dimension; use one of "
+                         f"{', '.join(DIMENSIONS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------- the MLPs
+
+
+def gated_mlps(model: Any) -> list[Any]:
+    """Every gated MLP (gate_proj, up_proj, down_proj, act_fn) of the model, in layer order."""
+    mlps = [m for m in model.modules()
+            if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    if not mlps:
+        raise ValueError(f"{type(model).__name__} has no gated MLP (modules with gate_proj, "
+                         "up_proj, down_proj and act_fn, as in Llama, Qwen, Mistral, Gemma): "
+                         "value neurons are defined on act_fn(gate_proj(x))")
+    return mlps
+
+
+def mlp_width(mlp: Any) -> int:
+    gate = mlp.gate_proj
+    gate = getattr(gate, "base_layer", gate)  # a peft LoRA layer wraps the Linear
+    return int(gate.out_features)
+
+
+def model_signature(model: Any) -> dict[str, Any]:
+    """What a neuron set is tied to: the architecture (not the weights, so that a policy
+    being trained by GRPO still accepts the neurons located on its base model)."""
+    mlps = gated_mlps(model)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"model_type": getattr(text, "model_type", type(model).__name__),
+            "layers": len(mlps), "d_ff": mlp_width(mlps[0]),
+            "hidden_size": int(getattr(mlps[0].gate_proj, "in_features", 0) or
+                               getattr(text, "hidden_size", 0)),
+            "vocab_size": int(getattr(text, "vocab_size", 0))}
+
+
+class _Wrapped(torch.nn.Module):
+    """An MLP's activation function followed by a hook `fn(layer, a) -> a`."""
+
+    def __init__(self, act: torch.nn.Module, layer: int, fn: Any) -> None:
+        super().__init__()
+        self.act, self.layer, self.fn = act, layer, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.layer, self.act(x))
+
+
+@contextmanager
+def _wrap_activations(model: Any, fn: Any) -> Iterator[list[Any]]:
+    mlps = gated_mlps(model)
+    originals = [mlp.act_fn for mlp in mlps]
+    try:
+        for layer, mlp in enumerate(mlps):
+            mlp.act_fn = _Wrapped(mlp.act_fn, layer, fn)
+        yield mlps
+    finally:
+        for mlp, act in zip(mlps, originals):
+            mlp.act_fn = act
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class ActivationSummary:
+    prob: torch.Tensor  # [layers, d_ff]: fraction of counted tokens with a > 0
+    p95: torch.Tensor  # [layers, d_ff]: 95th percentile of a over counted tokens
+    tokens: int
+
+
+class ActivationStats(Metric):
+    """Per-neuron histogram of activations over counted (response) tokens.
+
+    Sum states only, so DDP ranks reduce exactly: the activation probability and the 95th
+    percentile (to ~10%, interpolated within a bin; 0 when 95% of tokens have a <= 0) are both
+    read off the summed histogram.
+    """
+
+    full_state_update = False
+
+    def __init__(self, layers: int, d_ff: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layers, self.d_ff = layers, d_ff
+        self.add_state("hist", torch.zeros(layers, d_ff, NUM_BINS, dtype=torch.int32),
+                       dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    @classmethod
+    def for_model(cls, model: Any) -> ActivationStats:
+        mlps = gated_mlps(model)
+        return cls(len(mlps), mlp_width(mlps[0])).to(next(model.parameters()).device)
+
+    def update(self, layer: int, activations: torch.Tensor, mask: torch.Tensor) -> None:
+        """activations [B, T, d_ff] of one layer; mask [B, T] bool (tokens to count)."""
+        acts = activations[mask.to(activations.device)].float()  # [n, d_ff]
+        edges = _EDGES.to(acts.device)
+        bins = torch.bucketize(acts, edges)  # a <= 0 -> 0, (0, 1e-3] -> 1, ...
+        flat = bins + NUM_BINS * torch.arange(self.d_ff, device=acts.device)
+        counts = torch.bincount(flat.flatten(), minlength=self.d_ff * NUM_BINS)
+        self.hist[layer] += counts.view(self.d_ff, NUM_BINS).to(self.hist.dtype)
+        if layer == 0:
+            self.tokens += acts.shape[0]
+
+    def compute(self) -> ActivationSummary:
+        hist = self.hist.double()  # [L, D, bins]
+        total = max(int(self.tokens), 1)
+        prob = (1.0 - hist[..., 0] / total).float()
+        return ActivationSummary(prob.clamp(min=0.0), _quantile(hist, 0.95), int(self.tokens))
+
+
+def _quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of each neuron's histogram [L, D, bins], geometric within a bin."""
+    total = hist.sum(-1, keepdim=True).clamp(min=1)
+    cdf = hist.cumsum(-1)
+    target = q * total  # [L, D, 1]
+    b = (cdf < target).sum(-1, keepdim=True).clamp(max=NUM_BINS - 1)  # first bin reaching q
+    before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = ((target - before) / hist.gather(-1, b).clamp(min=1)).clamp(0, 1)
+    edges = torch.cat([_EDGES.double(), _EDGES[-1:].double()]).to(hist.device)
+    low, high = edges[(b - 1).clamp(min=0)], edges[b.clamp(max=len(_EDGES) - 1)]
+    value = torch.where(low > 0, low * (high / low.clamp(min=1e-12)) ** inside,
+                        high * inside)  # the first positive bin starts at 0: linear there
+    value = torch.where(b == 0, torch.zeros_like(value), value)
+    value = torch.where(b >= len(_EDGES), edges[-1].expand_as(value), value)
+    return value.squeeze(-1).float()
+
+
+class _Recorder:
+    def __init__(self, stats: ActivationStats) -> None:
+        self.stats, self.mask = stats, None
+
+    def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            raise ValueError("record_activations: set `.mask` ([B, T] bool) before the forward")
+        self.stats.update(layer, a.detach(), self.mask)
+        return a
+
+
+@contextmanager
+def record_activations(model: Any, stats: ActivationStats) -> Iterator[_Recorder]:
+    """Feed every gated-MLP activation of each forward into `stats`, at the tokens of the
+    recorder's `.mask` ([B, T] bool, set before each forward)."""
+    recorder = _Recorder(stats)
+    with _wrap_activations(model, recorder):
+        yield recorder
+
+
+@torch.no_grad()
+def activation_probability(model: Any, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[layers, d_ff]: fraction of response tokens (response_mask [B, T] True) at which each
+    neuron's activation act_fn(gate_proj(x)) is > 0. Rows may be right-padded."""
+    if not bool(response_mask.any()):
+        raise ValueError("response_mask selects no token: nothing to count")
+    stats = ActivationStats.for_model(model)
+    device = next(model.parameters()).device
+    with record_activations(model, stats) as recorder:
+        recorder.mask = response_mask.to(device)
+        model(input_ids=input_ids.to(device), use_cache=False,
+              attention_mask=None if attention_mask is None else attention_mask.to(device))
+    return stats.compute().prob
+
+
+# ----------------------------------------------------------------------------- neuron sets
+
+
+@dataclass
+class ValueNeurons:
+    """One row per neuron, sorted by delta descending."""
+    layer: torch.Tensor  # long [K]
+    index: torch.Tensor  # long [K]: neuron within the layer's d_ff
+    delta: torch.Tensor  # float [K]: p_pole - p_opposite
+    scale: torch.Tensor  # float [K]: the neuron's 95th-percentile activation on the pole
+    meta: dict[str, Any] = field(default_factory=dict)  # dimension, method, model signature
+
+    def __len__(self) -> int:
+        return int(self.layer.numel())
+
+    def layer_histogram(self, layers: int) -> list[int]:
+        return torch.bincount(self.layer, minlength=layers).tolist()
+
+    def save(self, path: str | Path) -> None:
+        rows = {k: getattr(self, k).tolist() for k in ("layer", "index", "delta", "scale")}
+        Path(path).write_text(json.dumps({"meta": self.meta, "neurons": rows}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any | None = None) -> ValueNeurons:
+        """Read a saved set; with `model`, refuse one located on another architecture."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"neuron file {path} does not exist (locate_values.py "
+                                    "writes neurons_<dimension>.json in its run dir)")
+        try:
+            data = json.loads(path.read_text())
+            rows = data["neurons"]
+            neurons = cls(torch.tensor(rows["layer"], dtype=torch.long),
+                          torch.tensor(rows["index"], dtype=torch.long),
+                          torch.tensor(rows["delta"], dtype=torch.float32),
+                          torch.tensor(rows["scale"], dtype=torch.float32), data.get("meta", {}))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"neuron file {path} is not a neuron set: {err}") from err
+        if model is not None:
+            neurons.check_model(model, str(path))
+        return neurons
+
+    def check_model(self, model: Any, origin: str = "neuron set") -> None:
+        expected, actual = self.meta.get("model"), model_signature(model)
+        if expected is not None and expected != actual:
+            raise ValueError(f"{origin} was located on {expected}, but this model is {actual}")
+        if len(self) and (int(self.layer.max()) >= actual["layers"]
+                          or int(self.index.max()) >= actual["d_ff"]):
+            raise ValueError(f"{origin} names neurons outside this model ({actual['layers']} "
+                             f"layers x {actual['d_ff']})")
+
+
+def _sorted_set(layer: torch.Tensor, index: torch.Tensor, delta: torch.Tensor,
+                scale: torch.Tensor, meta: dict[str, Any]) -> ValueNeurons:
+    order = torch.argsort(delta, descending=True, stable=True)
+    return ValueNeurons(layer[order], index[order], delta[order].float(),
+                        scale[order].float(), meta)
+
+
+def select_neurons(p_pos: torch.Tensor, p_neg: torch.Tensor, top_k: int, min_delta: float,
+                   scale: torch.Tensor | None = None) -> ValueNeurons:
+    """The top_k neurons by delta = p_pos - p_neg, plus every neuron with delta >= min_delta;
+    positive deltas only. `scale` [layers, d_ff] is the pole's 95th percentile (default 1)."""
+    if p_pos.shape != p_neg.shape or p_pos.dim() != 2:
+        raise ValueError(f"p_pos and p_neg must both be [layers, d_ff], got "
+                         f"{tuple(p_pos.shape)} and {tuple(p_neg.shape)}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    delta = (p_pos - p_neg).float().flatten()
+    chosen = delta >= min_delta
+    if top_k > 0:
+        chosen[torch.topk(delta, min(top_k, delta.numel())).indices] = True
+    chosen &= delta > 0
+    flat = chosen.nonzero().flatten()
+    d_ff = p_pos.shape[1]
+    scale = torch.ones_like(p_pos) if scale is None else scale
+    return _sorted_set(flat // d_ff, flat % d_ff, delta[flat],
+                       scale.flatten()[flat].to(delta.device), {"method": "contrast"})
+
+
+def select_lape(probs: torch.Tensor, pole: int, top_k: int, opposite: int | None = None,
+                scale: torch.Tensor | None = None, min_prob_quantile: float = 0.9) -> ValueNeurons:
+    """LAPE-style ablation (language-specific neurons, Tang et al. 2024) over poles.
+
+    probs [poles, layers, d_ff]. A neuron is specific to `pole` when that pole has its highest
+    activation probability, the probability is in the top (1 - min_prob_quantile) of all, and
+    the entropy of its probabilities normalised over the poles is low; the top_k lowest-entropy
+    such neurons are kept. delta = p_pole - p_opposite (or minus the mean of the other poles).
+    """
+    q = probs / probs.sum(0, keepdim=True).clamp(min=1e-12)
+    entropy = -(q * q.clamp(min=1e-12).log()).sum(0).flatten()  # [L*D]
+    p = probs[pole].flatten()
+    others = probs[opposite].flatten() if opposite is not None else \
+        (probs.sum(0) - probs[pole]).flatten() / max(1, probs.shape[0] - 1)
+    threshold = torch.quantile(probs.flatten().float()[:2_000_000], min_prob_quantile)
+    ok = (probs.argmax(0).flatten() == pole) & (p >= threshold) & (p > others)
+    candidates = ok.nonzero().flatten()
+    keep = candidates[torch.argsort(entropy[candidates])[:top_k]]
+    d_ff = probs.shape[2]
+    scale = torch.ones_like(probs[0]) if scale is None else scale
+    return _sorted_set(keep // d_ff, keep % d_ff, (p - others)[keep],
+                       scale.flatten()[keep], {"method": "lape"})
+
+
+def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
+                   exclude: list[ValueNeurons] = ()) -> ValueNeurons:
+    """A random set with the same count per layer (and the same delta and scale per row, so
+    steering moves it by the same amounts), avoiding the located neurons and `exclude`."""
+    gen = torch.Generator().manual_seed(seed)
+    taken = {(int(l), int(i)) for s in (neurons, *exclude) for l, i in zip(s.layer, s.index)}
+    index = torch.empty_like(neurons.index)
+    for layer in neurons.layer.unique().tolist():
+        rows = (neurons.layer == layer).nonzero().flatten()
+        free = torch.tensor([i for i in range(d_ff) if (layer, i) not in taken])
+        pick = free[torch.randperm(len(free), generator=gen)[: len(rows)]]
+        if len(pick) < len(rows):
+            raise ValueError(f"layer {layer} has too few free neurons for a random control")
+        index[rows] = pick
+    return ValueNeurons(neurons.layer.clone(), index, neurons.delta.clone(),
+                        neurons.scale.clone(), {**neurons.meta, "method": "random"})
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+class Steering:
+    """The active steering of one `steer` context: per layer, which neurons get how much.
+
+    `positions` ([B, T] bool), when set and matching a forward's shape, replaces the rule of
+    which positions are steered (the training forward scores all response positions at once).
+    """
+
+    def __init__(self, model: Any, target: ValueNeurons, gamma: float,
+                 opposite: ValueNeurons | None, fraction: float, seed: int) -> None:
+        signature = model_signature(model)
+        for name, neurons in (("target", target), ("opposite", opposite)):
+            if neurons is not None:
+                neurons.check_model(model, f"steer {name}")
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(target), generator=gen)[: math.ceil(fraction * len(target))]
+        keep = keep.sort().values
+        amount = gamma * target.scale * torch.sigmoid(10.0 * (target.delta - 0.15))  # [K]
+        self.add: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.clamp: dict[int, torch.Tensor] = {}
+        if gamma > 0:
+            layers, index, amount = target.layer[keep], target.index[keep], amount[keep]
+            for layer in layers.unique().tolist():
+                rows = layers == layer
+                self.add[layer] = (index[rows], amount[rows])
+        if opposite is not None:
+            for layer in opposite.layer.unique().tolist():
+                self.clamp[layer] = opposite.index[opposite.layer == layer]
+        self.layers = signature["layers"]
+        self.positions: torch.Tensor | None = None
+        self._device_cache: dict[Any, Any] = {}
+
+    def _on(self, device: torch.device, layer: int) -> tuple[Any, Any]:
+        key = (device, layer)
+        if key not in self._device_cache:
+            add = self.add.get(layer)
+            clamp = self.clamp.get(layer)
+            self._device_cache[key] = (
+                None if add is None else (add[0].to(device), add[1].to(device)),
+                None if clamp is None else clamp.to(device))
+        return self._device_cache[key]
+
+    def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        add, clamp = self._on(a.device, layer)
+        if add is None and clamp is None:
+            return a
+        if torch.is_grad_enabled() and a.requires_grad:
+            a = a.clone()  # keep autograd's saved tensors intact
+        if self.positions is not None and self.positions.shape == a.shape[:2]:
+            sites = a[self.positions.to(a.device)]  # [n, d_ff] (a copy)
+            a[self.positions.to(a.device)] = self._apply(sites, add, clamp)
+        elif a.shape[1] == 1:  # one new token per row: every position predicts a response token
+            a[:, 0] = self._apply(a[:, 0], add, clamp)
+        else:  # a forward over several tokens: its last position predicts the response
+            a[:, -1] = self._apply(a[:, -1], add, clamp)
+        return a
+
+    @staticmethod
+    def _apply(sites: torch.Tensor, add: Any, clamp: Any) -> torch.Tensor:
+        """sites [n, d_ff] -> steered copy."""
+        sites = sites.clone()
+        if add is not None:
+            index, amount = add
+            sites[:, index] += amount.to(sites.dtype)
+        if clamp is not None:
+            sites[:, clamp] = sites[:, clamp].clamp(max=0)
+        return sites
+
+
+@contextmanager
+def steer(model: Any, target: ValueNeurons, gamma: float, opposite: ValueNeurons | None = None,
+          fraction: float = 0.9, seed: int = 0) -> Iterator[Steering]:
+    """Steer `target` up by gamma * scale * sigmoid(10 * (delta - 0.15)) on a random `fraction`
+    of it (chosen once from `seed`) and clamp `opposite` to min(a, 0), at every position that
+    predicts a response token; gamma = 0 without `opposite` is the identity. Exit restores."""
+    if not isinstance(gamma, (int, float)) or gamma < 0 or math.isnan(gamma):
+        raise ValueError(f"steer.gamma must be a number >= 0 (0 = no push), got {gamma!r}; "
+                         "to steer the other way, steer the opposite dimension's neurons")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"steer.fraction must be in (0, 1], got {fraction!r}")
+    steering = Steering(model, target, float(gamma), opposite, float(fraction), seed)
+    with _wrap_activations(model, steering):
+        yield steering
