@@ -5,6 +5,7 @@
     python locate_values.py locate.method=lape                # the LAPE-style ablation
     python locate_values.py -m steer.gamma=0,0.5,1,1.5,2      # one job per gamma
     python locate_values.py neurons=logs/locate_values/runs/<date>   # re-validate saved sets
+    python locate_values.py statistics=<run dir>/pole_statistics.pt locate.method=lape
 
 `locate_values(cfg)` is one flat, ordered function (seed -> policy -> data -> sampler ->
 pole statistics -> neuron sets -> questionnaire, open-ended answers, perplexity -> tables,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ from datamodules.values import load_value_data  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from modules.value_eval import BASIC_VALUES, centred_scores, dimension_shift  # noqa: E402
 from modules.value_experiment import Condition, ValueExperiment  # noqa: E402
-from modules.value_neurons import OPPOSITE, ValueNeurons, check_dimension, model_signature  # noqa: E402,E501
+from modules.value_neurons import (OPPOSITE, ActivationSummary, ValueNeurons,  # noqa: E402
+                                   check_dimension, model_signature)
 from modules.value_report import gamma_figure, layer_figure, radar_figure, write_table  # noqa: E402,E501
 from train import run_reporting_errors  # noqa: E402
 
@@ -44,6 +47,29 @@ def gammas_of(value: Any) -> list[float]:
         if not isinstance(g, (int, float)) or g < 0:
             raise ValueError(f"steer.gamma must be numbers >= 0, got {g!r}")
     return [float(g) for g in values]
+
+
+def save_statistics(summaries: dict[str, ActivationSummary], signature: dict,
+                    path: Path) -> None:
+    torch.save({"model": signature, "poles": {p: {"prob": s.prob, "p95": s.p95,
+                                                  "tokens": s.tokens}
+                                              for p, s in summaries.items()}}, path)
+
+
+def load_statistics(path: str, signature: dict) -> dict[str, ActivationSummary]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"statistics={path!r} does not exist (locate_values.py writes "
+                                "pole_statistics.pt in its run dir)")
+    try:
+        saved = torch.load(path, weights_only=True)
+        poles = {p: ActivationSummary(v["prob"], v["p95"], int(v["tokens"]))
+                 for p, v in saved["poles"].items()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"statistics={path!r} is not a pole statistics file: {err}") from err
+    if saved["model"] != signature:
+        raise ValueError(f"statistics={path!r} was gathered on {saved['model']}, but this "
+                         f"model is {signature}")
+    return poles
 
 
 def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -69,8 +95,15 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         located = {d: ValueNeurons.load(Path(cfg.neurons) / f"neurons_{d}.json", policy.model)
                    for d in wanted}
     else:
-        summaries = exp.pole_statistics(cfg.locate.pairs, cfg.locate.max_new_tokens,
-                                        cfg.locate.batch_size, tuple(wanted), log.info)
+        if cfg.statistics:  # the pole statistics of an earlier run (e.g. to compare methods)
+            summaries = load_statistics(cfg.statistics, signature)
+            missing = sorted(set(wanted) - set(summaries))
+            if missing:
+                raise ValueError(f"statistics={cfg.statistics!r} has no pole {missing}")
+        else:
+            summaries = exp.pole_statistics(cfg.locate.pairs, cfg.locate.max_new_tokens,
+                                            cfg.locate.batch_size, tuple(wanted), log.info)
+        save_statistics(summaries, signature, out / "pole_statistics.pt")
         located = {d: exp.locate(summaries, d, cfg.locate.method, cfg.locate.top_k,
                                  cfg.locate.min_delta) for d in wanted}
     controls = exp.controls(located, signature["d_ff"], cfg.seed)
@@ -94,8 +127,11 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics: dict[str, float] = {}
 
     # 2. Questionnaire: shift of each dimension's centred score, with a bootstrap interval.
-    texts, item_values = data.items()
+    _, item_values = data.items()
+    clock = time.perf_counter()
     scores = {c.name: exp.questionnaire(c) for c in [base, *conditions]}
+    log.info("questionnaire: %d conditions x %d items, %.0f s", len(scores), len(item_values),
+             time.perf_counter() - clock)
     q_rows = []
     for d in dims:
         for kind in KINDS:
@@ -118,6 +154,7 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     # 3. Open-ended answers to held-out questions, scored by the pyvalues dictionaries.
     o_rows = []
+    clock = time.perf_counter()
     if cfg.validate.open_ended > 0:
         count, tokens = cfg.validate.open_ended, cfg.validate.max_new_tokens
         base_text = {d: exp.open_ended(base, d, count, tokens)[0] for d in dims}
@@ -134,14 +171,17 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                             "margin_shift"]
         tables["open_ended"] = write_table(o_rows, out / "open_ended",
                                            "Open-ended answers: pyvalues margin shift")
+        log.info("open-ended answers: %d rows, %.0f s", len(o_rows), time.perf_counter() - clock)
 
     # 4. The cost of steering: perplexity of neutral passages, steered at every position.
     p_rows = []
+    clock = time.perf_counter()
     if cfg.validate.perplexity:
         ppl = {c.name: exp.perplexity(c) for c in [base, *conditions]}
         p_rows = [{"condition": name, "perplexity": value, "ratio": value / ppl["base"]}
                   for name, value in ppl.items()]
         metrics["perplexity/base"] = ppl["base"]
+        log.info("perplexity: %d conditions, %.0f s", len(ppl), time.perf_counter() - clock)
         tables["perplexity"] = write_table(p_rows, out / "perplexity", "Neutral-text perplexity")
 
     # 5. Plots, also into TensorBoard (global step = 100 x gamma for the sweep scalars).

@@ -16,7 +16,6 @@ set text is copied from elsewhere), loaded offline with `datasets`:
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"value data file {path} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"value data file {path} is empty")
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
     rows = datasets.Dataset.from_json(str(path), keep_in_memory=True).to_list()
     if not rows:
         raise ValueError(f"value data file {path} has no rows")

@@ -72,6 +72,7 @@ class GRPOModule(pl.LightningModule):
         self.tokenizer = policy.tokenizer
         self.eos_token_ids = policy.eos_token_ids
         self.sampler = sampler
+        self.steering = policy.steering  # value neurons steered while sampling (and training)
         if hasattr(sampler, "bind"):  # text length predictors decode prompts and probes
             sampler.bind(self.tokenizer)
         self.reward_fns = parse_rewards(rewards)
@@ -147,8 +148,10 @@ class GRPOModule(pl.LightningModule):
                  spec: GenerationSpec) -> Rollouts:
         was_training = self.policy.training
         self.policy.eval()
+        steering = self.steering.context(self.policy) if self.steering else nullcontext()
         try:
-            return self.sampler.sample(self.policy, prompts, group_size, spec)
+            with steering:
+                return self.sampler.sample(self.policy, prompts, group_size, spec)
         finally:
             self.policy.train(was_training)
 
@@ -243,8 +246,9 @@ class GRPOModule(pl.LightningModule):
         ids[:, prompt_width:] = completions
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         ids, attention, positions = (x.to(self.device) for x in (ids, attention, positions))
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
+        with self.steered_scoring(model, prompt_width, lengths):
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                           use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
         targets = completions.to(self.device)
         logp = token_log_probs(logits, targets)
         if not with_entropy:  # old/reference passes only need log-probs
@@ -252,6 +256,23 @@ class GRPOModule(pl.LightningModule):
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
         return logp, entropy
+
+    @contextmanager
+    def steered_scoring(self, model: Any, prompt_width: int,
+                        lengths: torch.Tensor) -> Iterator[Any]:
+        """With `policy.steer.train`, steer the scoring forward at exactly the positions that
+        predict completion tokens (the ones steered while sampling), for the policy and the
+        reference alike; otherwise nothing."""
+        if not (self.steering and self.steering.train):
+            yield None
+            return
+        inner = model._model[0] if isinstance(model, _AdapterDisabled) else model
+        sites = torch.zeros(len(lengths), prompt_width + int(lengths.max()), dtype=torch.bool)
+        for r, n in enumerate(lengths.tolist()):
+            sites[r, prompt_width - 1: prompt_width - 1 + n] = True  # predicts token 0..n-1
+        with self.steering.context(inner) as steering:
+            steering.positions = sites.to(self.device)
+            yield steering
 
     # ------------------------------------------------------------------ logging
 

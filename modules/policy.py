@@ -33,9 +33,10 @@ class Policy:
     configs, and the policy is passed to `GRPOModule` as a runtime object.
     """
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, steering: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.steering = steering  # a modules.value_neurons.PolicySteering, or None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -132,8 +133,9 @@ def tiny(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_
 
 
 def finish(policy: Policy, lora: dict | None = None,
-           gradient_checkpointing: bool = False) -> Policy:
-    """Pad token, optional LoRA adapters (peft) and gradient checkpointing."""
+           gradient_checkpointing: bool = False, steer: dict | None = None) -> Policy:
+    """Pad token, optional LoRA adapters (peft), gradient checkpointing, and value-neuron
+    steering (`policy.steer`, see `modules.value_neurons.PolicySteering`)."""
     tokenizer, model = policy.tokenizer, policy.model
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,7 +148,12 @@ def finish(policy: Policy, lora: dict | None = None,
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
-    return Policy(model, tokenizer)
+    steering = None
+    if steer:
+        from modules.value_neurons import PolicySteering
+
+        steering = PolicySteering.from_config(model, **dict(steer))
+    return Policy(model, tokenizer, steering)
 
 
 def describe(policy: Policy) -> str:

@@ -15,12 +15,15 @@ open-ended answers scored by the ValueEval dictionary classifier, and perplexity
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from importlib.resources import files
 from typing import Any, Sequence
 
 import torch
+
+from modules.value_neurons import steering_paused
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
                 "security", "conformity", "tradition", "benevolence", "universalism")
@@ -55,21 +58,52 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad: int,
     return ids.to(device), attention.to(device), positions.to(device)
 
 
-@torch.no_grad()
-def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]], option_ids: list[int],
-                         pad_token_id: int = 0, batch_size: int = 16) -> torch.Tensor:
+class AnswerCache:
+    """The KV of every prompt but its last token, computed once.
+
+    Steering changes only the positions that predict a response token, here each prompt's
+    last one, so everything before it is the same under every steering condition: each
+    condition then costs one one-token forward per prompt instead of a whole prefill.
+    Valid while the model's weights do not change; built unsteered even inside `steer`.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
+                 batch_size: int = 16) -> None:
+        if any(len(p) < 2 for p in prompts):
+            raise ValueError("every questionnaire prompt needs at least two tokens")
+        device = next(model.parameters()).device
+        self.batches = []
+        for start in range(0, len(prompts), batch_size):
+            ids, attention, positions = _left_padded(prompts[start: start + batch_size],
+                                                     pad_token_id, device)
+            with steering_paused(model):
+                out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1],
+                            position_ids=positions[:, :-1], use_cache=True)
+            self.batches.append((out.past_key_values, ids[:, -1:], attention,
+                                 positions[:, -1:]))
+
+    @torch.no_grad()
+    def last_logits(self, model: Any) -> torch.Tensor:
+        """[n, V] next-token logits at every prompt's last token (float32, on the CPU)."""
+        out = []
+        for cache, last, attention, positions in self.batches:
+            logits = model(input_ids=last, attention_mask=attention, position_ids=positions,
+                           past_key_values=copy.deepcopy(cache),  # the forward appends to it
+                           use_cache=True).logits[:, -1]
+            out.append(logits.float().cpu())
+        return torch.cat(out)
+
+
+def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]] | AnswerCache,
+                         option_ids: list[int], pad_token_id: int = 0,
+                         batch_size: int = 16) -> torch.Tensor:
     """[n, options]: next-token probabilities of the option tokens after each prompt,
-    renormalised over the options. Prompts are left-padded, so each forward's last position is
-    every row's answer position (the one a `steer` context steers)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids, attention, positions = _left_padded(prompts[start: start + batch_size],
-                                                 pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [b, V]
-        out.append(torch.softmax(logits[:, option_ids], dim=-1).cpu())
-    return torch.cat(out)
+    renormalised over the options. Prompts are left-padded; the answer position is each
+    row's last (the one a `steer` context steers). Pass an `AnswerCache` to reuse prefixes."""
+    cache = prompts if isinstance(prompts, AnswerCache) else \
+        AnswerCache(model, prompts, pad_token_id, batch_size)
+    return torch.softmax(cache.last_logits(model)[:, option_ids], dim=-1)
 
 
 def expected_scores(probs: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from datamodules.values import ValueData, ValuePrompts
-from modules.value_eval import (TextValueScorer, answer_probabilities, dimension_text_scores,
-                                expected_scores, option_token_ids, perplexity)
+from datamodules.values import AXIS_OF, ValueData, ValuePrompts
+from modules.value_eval import (AnswerCache, TextValueScorer, answer_probabilities,
+                                dimension_text_scores, expected_scores, option_token_ids,
+                                perplexity)
 from modules.value_neurons import (DIMENSIONS, OPPOSITE, ActivationStats, ActivationSummary,
                                    ValueNeurons, model_signature, random_control,
                                    record_activations, select_lape, select_neurons, steer)
@@ -78,6 +79,8 @@ class ValueExperiment:
         self.fraction, self.steer_seed = fraction, steer_seed
         self.prompts = ValuePrompts(self.tokenizer)
         self._scorer: TextValueScorer | None = None
+        self._answer_cache: AnswerCache | None = None
+        self._answers: dict[tuple, tuple[dict[str, float], list[str]]] = {}
 
     def spec(self, max_new_tokens: int) -> GenerationSpec:
         return GenerationSpec(max_new_tokens, temperature=0.0, eos_token_ids=self.eos,
@@ -145,16 +148,26 @@ class ValueExperiment:
 
     def questionnaire(self, condition: Condition, batch_size: int = 16) -> torch.Tensor:
         """[items] expected scores (1..6) under a condition."""
-        texts, _ = self.data.items()
-        prompts = [self.prompts.questionnaire_item(t, self.data.scale) for t in texts]
+        if self._answer_cache is None:  # the unsteered prefixes, shared by every condition
+            texts, _ = self.data.items()
+            prompts = [self.prompts.questionnaire_item(t, self.data.scale) for t in texts]
+            self._answer_cache = AnswerCache(self.model, prompts, self.pad, batch_size)
         options = option_token_ids(self.tokenizer, len(self.data.scale))
         with condition.context(self.model, self.fraction, self.steer_seed):
-            probs = answer_probabilities(self.model, prompts, options, self.pad, batch_size)
+            probs = answer_probabilities(self.model, self._answer_cache, options)
         return expected_scores(probs)
 
     def open_ended(self, condition: Condition, dimension: str, count: int,
                    max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
-        """Dimension scores of answers to `count` held-out questions of the dimension's axis."""
+        """Dimension scores of answers to `count` held-out questions of the dimension's axis
+        (memoised: steering toward a pole serves both dimensions of its axis)."""
+        key = (condition.name, AXIS_OF[dimension], count, max_new_tokens)
+        if key not in self._answers:
+            self._answers[key] = self._open_ended(condition, dimension, count, max_new_tokens)
+        return self._answers[key]
+
+    def _open_ended(self, condition: Condition, dimension: str, count: int,
+                    max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
         questions = self.data.questions(dimension, "validate")[:count]
         prompts = [self.prompts.open_question(q) for q in questions]
         with condition.context(self.model, self.fraction, self.steer_seed):

@@ -84,9 +84,26 @@ class _Wrapped(torch.nn.Module):
     def __init__(self, act: torch.nn.Module, layer: int, fn: Any) -> None:
         super().__init__()
         self.act, self.layer, self.fn = act, layer, fn
+        self.paused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.layer, self.act(x))
+        a = self.act(x)
+        return a if self.paused else self.fn(self.layer, a)
+
+
+@contextmanager
+def steering_paused(model: Any) -> Iterator[None]:
+    """Run forwards inside a `steer` context as if it were not there (e.g. to compute KV that
+    every steering condition shares)."""
+    wrapped = [m for m in model.modules() if isinstance(m, _Wrapped)
+               and isinstance(m.fn, Steering) and not m.paused]
+    for m in wrapped:
+        m.paused = True
+    try:
+        yield
+    finally:
+        for m in wrapped:
+            m.paused = False
 
 
 @contextmanager
@@ -412,3 +429,33 @@ def steer(model: Any, target: ValueNeurons, gamma: float, opposite: ValueNeurons
     steering = Steering(model, target, float(gamma), opposite, float(fraction), seed)
     with _wrap_activations(model, steering):
         yield steering
+
+
+@dataclass
+class PolicySteering:
+    """`policy.steer`: value neurons steered while a policy samples, and with `train` also
+    while its loss is scored (so the update refers to the steered policy that sampled)."""
+    target: ValueNeurons
+    gamma: float
+    opposite: ValueNeurons | None = None
+    fraction: float = 0.9
+    seed: int = 0
+    train: bool = True
+
+    @classmethod
+    def from_config(cls, model: Any, neurons: str | None = None, gamma: float = 1.0,
+                    opposite: str | None = None, fraction: float = 0.9, seed: int = 0,
+                    train: bool = True) -> PolicySteering:
+        if not neurons:
+            raise ValueError("policy.steer.neurons is empty: give a neurons_<dimension>.json "
+                             "written by locate_values.py")
+        if not isinstance(gamma, (int, float)) or gamma < 0:
+            raise ValueError(f"policy.steer.gamma must be a number >= 0, got {gamma!r}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"policy.steer.fraction must be in (0, 1], got {fraction!r}")
+        return cls(ValueNeurons.load(neurons, model), float(gamma),
+                   ValueNeurons.load(opposite, model) if opposite else None,
+                   float(fraction), int(seed), bool(train))
+
+    def context(self, model: Any) -> Any:
+        return steer(model, self.target, self.gamma, self.opposite, self.fraction, self.seed)
