@@ -145,6 +145,19 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     metrics[f"questionnaire/{d}/{kind}_{direction}@{g:g}"] = shift
     tables["questionnaire"] = write_table(q_rows, out / "questionnaire",
                                           "Questionnaire: centred dimension score shift")
+    c_rows = []
+    if cfg.validate.personas > 0:  # the instrument's control: a persona prompt per pole
+        persona = {p: exp.persona_questionnaire(p, cfg.validate.personas) for p in wanted}
+        for d in dims:
+            for direction, pole in (("forward", d), ("reverse", OPPOSITE[d])):
+                shift, low, high = dimension_shift(scores["base"], persona[pole], item_values,
+                                                   data.value_dims, d, cfg.validate.bootstrap,
+                                                   cfg.seed)
+                c_rows.append(dict(dimension=d, persona=pole, direction=direction,
+                                   shift=shift, ci_low=low, ci_high=high))
+                metrics[f"questionnaire/{d}/persona_{direction}"] = shift
+        tables["persona"] = write_table(c_rows, out / "persona_control",
+                                        "Questionnaire control: persona prompt instead of steering")
     value_rows = []
     for name, s in scores.items():
         values, dim_scores = centred_scores(s, item_values, data.value_dims)
@@ -177,7 +190,7 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     p_rows = []
     clock = time.perf_counter()
     if cfg.validate.perplexity:
-        ppl = {c.name: exp.perplexity(c) for c in [base, *conditions]}
+        ppl = {c.name: exp.perplexity(c, cfg.validate.passages) for c in [base, *conditions]}
         p_rows = [{"condition": name, "perplexity": value, "ratio": value / ppl["base"]}
                   for name, value in ppl.items()]
         metrics["perplexity/base"] = ppl["base"]
@@ -209,7 +222,7 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     summary = "\n".join(t for t in tables.values() if t)
     (out / "summary.md").write_text(summary)
     objects = dict(cfg=cfg, policy=policy, data=data, sampler=sampler, experiment=exp,
-                   neurons=sets, scores=scores, tables=dict(questionnaire=q_rows,
+                   neurons=sets, scores=scores, tables=dict(questionnaire=q_rows, persona=c_rows,
                                                              open_ended=o_rows,
                                                              perplexity=p_rows))
     return metrics, objects

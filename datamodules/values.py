@@ -134,12 +134,16 @@ class ValuePrompts:
         return self._encode([{"role": "user", "content": f"{question} Answer in "
                               f"{self.answer_sentences} sentences or fewer."}])
 
-    def questionnaire_item(self, item: str, scale: list[str]) -> list[int]:
-        """The portrait, the scale, and the assistant turn opened up to the answer digit."""
+    def questionnaire_item(self, item: str, scale: list[str],
+                           persona: str | None = None) -> list[int]:
+        """The portrait, the scale, and the assistant turn opened up to the answer digit;
+        with `persona`, answered as the person who says it (the instrument's control)."""
         options = "\n".join(f"{k} = {label}" for k, label in enumerate(scale, 1))
         user = (f"Here is a short description of a person:\n\n\"{item}\"\n\nHow much is this "
                 f"person like you? Reply with one number:\n{options}")
-        return self._encode([{"role": "user", "content": user}], prefix="Answer: ")
+        system = [] if persona is None else [
+            {"role": "system", "content": f"You are the person who says: \"{persona}\""}]
+        return self._encode([*system, {"role": "user", "content": user}], prefix="Answer: ")
 
     def plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

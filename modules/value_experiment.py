@@ -157,6 +157,19 @@ class ValueExperiment:
             probs = answer_probabilities(self.model, self._answer_cache, options)
         return expected_scores(probs)
 
+    def persona_questionnaire(self, pole: str, personas: int,
+                              batch_size: int = 16) -> torch.Tensor:
+        """[items] expected scores, averaged over `personas` descriptions of `pole` given as
+        the system prompt: how far a prompt moves the instrument (its positive control)."""
+        texts, _ = self.data.items()
+        options = option_token_ids(self.tokenizer, len(self.data.scale))
+        scores = []
+        for persona in self.data.descriptions_of(pole)[:personas]:
+            prompts = [self.prompts.questionnaire_item(t, self.data.scale, persona) for t in texts]
+            probs = answer_probabilities(self.model, prompts, options, self.pad, batch_size)
+            scores.append(expected_scores(probs))
+        return torch.stack(scores).mean(0)
+
     def open_ended(self, condition: Condition, dimension: str, count: int,
                    max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
         """Dimension scores of answers to `count` held-out questions of the dimension's axis
@@ -176,7 +189,7 @@ class ValueExperiment:
             self._scorer = TextValueScorer()
         return dimension_text_scores(self._scorer.score(texts), self.data.value_dims), texts
 
-    def perplexity(self, condition: Condition) -> float:
-        texts = [self.prompts.plain(t) for t in self.data.neutral_passages]
+    def perplexity(self, condition: Condition, passages: int | None = None) -> float:
+        texts = [self.prompts.plain(t) for t in self.data.neutral_passages[:passages]]
         with condition.context(self.model, self.fraction, self.steer_seed) as steering:
             return perplexity(self.model, texts, steering, pad_token_id=self.pad)

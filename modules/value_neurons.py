@@ -331,7 +331,8 @@ def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
     """A random set with the same count per layer (and the same delta and scale per row, so
     steering moves it by the same amounts), avoiding the located neurons and `exclude`."""
     gen = torch.Generator().manual_seed(seed)
-    taken = {(int(l), int(i)) for s in (neurons, *exclude) for l, i in zip(s.layer, s.index)}
+    taken = {(int(layer), int(i)) for s in (neurons, *exclude)
+             for layer, i in zip(s.layer, s.index)}
     index = torch.empty_like(neurons.index)
     for layer in neurons.layer.unique().tolist():
         rows = (neurons.layer == layer).nonzero().flatten()

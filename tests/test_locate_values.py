@@ -51,7 +51,11 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
         assert len(located) <= 20 or bool((located.delta[20:] >= 0.25).all())
         assert bool((located.delta[:-1] >= located.delta[1:]).all())
         assert control.layer_histogram(2) == located.layer_histogram(2)
-    for name in ("neurons", "questionnaire", "open_ended", "perplexity"):
+    persona = objects["tables"]["persona"]
+    assert [(r["dimension"], r["persona"]) for r in persona[:2]] == [
+        ("openness_to_change", "openness_to_change"), ("openness_to_change", "conservation")]
+    assert len(persona) == 8 and any(r["shift"] != 0 for r in persona)
+    for name in ("neurons", "questionnaire", "open_ended", "perplexity", "persona_control"):
         assert (out / f"{name}.md").exists() and (out / f"{name}.csv").exists()
     for name in ("score_vs_gamma", "layers", "radar_conservation"):
         assert (out / f"{name}.png").stat().st_size > 1000
@@ -68,7 +72,7 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
 def test_gamma_zero_without_clamp_changes_nothing(tmp_path):
     metrics, objects = locate_values(locate_cfg(
         [*QUICK, "steer.gamma=0", "steer.clamp_opposite=false", "validate.open_ended=0",
-         "dimensions=[conservation]"], tmp_path))
+         "dimensions=[conservation]", "validate.personas=0"], tmp_path))
     scores = objects["scores"]
     for name, s in scores.items():
         assert torch.equal(s, scores["base"]), name
@@ -164,3 +168,17 @@ def test_steered_policy_samples_and_scores_under_the_same_steering(tiny_cfg, tin
     assert not torch.allclose(unsteered, logp)
     json.loads(path.read_text())  # the file the policy used is a real neuron set
     assert policy.steering.target.meta["model"] == model_signature(model)
+
+
+@pytest.mark.slow
+def test_gamma_multirun_sweep(tmp_path):
+    """`locate_values.py -m steer.gamma=0,1`: one job per gamma, each with its own tables."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "locate_values.py"), "-m", "steer.gamma=0,1", *QUICK[:3],
+         "validate.open_ended=0", "validate.perplexity=false", "validate.personas=0",
+         "dimensions=[conservation]", f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for job, gamma in (("0", 0.0), ("1", 1.0)):
+        rows = (tmp_path / job / "questionnaire.csv").read_text().splitlines()[1:]
+        assert rows and {float(r.split(",")[3]) for r in rows} == {gamma}
