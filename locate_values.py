@@ -15,6 +15,7 @@ tables as .md/.csv, and PNG plots, also written to <run dir>/tensorboard.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -104,6 +105,9 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             summaries = exp.pole_statistics(cfg.locate.pairs, cfg.locate.max_new_tokens,
                                             cfg.locate.batch_size, tuple(wanted), log.info)
         save_statistics(summaries, signature, out / "pole_statistics.pt")
+        with open(out / "pole_responses.jsonl", "w") as handle:
+            for pole, answers in exp.pole_responses.items():
+                handle.writelines(json.dumps({"pole": pole, "text": a}) + "\n" for a in answers)
         located = {d: exp.locate(summaries, d, cfg.locate.method, cfg.locate.top_k,
                                  cfg.locate.min_delta) for d in wanted}
     controls = exp.controls(located, signature["d_ff"], cfg.seed)
@@ -112,7 +116,9 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         located[d].save(out / f"neurons_{d}.json")
         controls[d].save(out / f"random_{d}.json")
     neuron_rows = [{"dimension": d, "neurons": len(located[d]),
+                    "max_delta": float(located[d].delta.max()) if len(located[d]) else 0.0,
                     "mean_delta": float(located[d].delta.mean()) if len(located[d]) else 0.0,
+                    "mean_scale": float(located[d].scale.mean()) if len(located[d]) else 0.0,
                     "layers": " ".join(map(str, located[d].layer_histogram(signature["layers"])))}
                    for d in wanted]
     tables = {"neurons": write_table(neuron_rows, out / "neurons", "Located neurons")}
@@ -185,6 +191,19 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tables["open_ended"] = write_table(o_rows, out / "open_ended",
                                            "Open-ended answers: pyvalues margin shift")
         log.info("open-ended answers: %d rows, %.0f s", len(o_rows), time.perf_counter() - clock)
+
+    # The open-ended instrument's control: pyvalues margins of the persona-prompted location
+    # responses (prompted toward each pole), relative to the opposite pole's responses.
+    if exp.pole_responses:
+        text = {p: exp.text_scores(a) for p, a in exp.pole_responses.items()}
+        rows = [dict(dimension=d, margin_pole=text[d][d] - text[d][OPPOSITE[d]],
+                     margin_opposite=text[OPPOSITE[d]][d] - text[OPPOSITE[d]][OPPOSITE[d]])
+                for d in dims if d in text and OPPOSITE[d] in text]
+        for r in rows:
+            r["difference"] = r["margin_pole"] - r["margin_opposite"]
+        tables["persona_text"] = write_table(rows, out / "persona_text_control",
+                                             "Open-ended control: pyvalues margin of persona "
+                                             "responses (pole minus opposite)")
 
     # 4. The cost of steering: perplexity of neutral passages, steered at every position.
     p_rows = []

@@ -80,6 +80,7 @@ class ValueExperiment:
         self.prompts = ValuePrompts(self.tokenizer)
         self._scorer: TextValueScorer | None = None
         self._answer_cache: AnswerCache | None = None
+        self.pole_responses: dict[str, list[str]] = {}
         self._answers: dict[tuple, tuple[dict[str, float], list[str]]] = {}
 
     def spec(self, max_new_tokens: int) -> GenerationSpec:
@@ -111,10 +112,12 @@ class ValueExperiment:
     def pole_statistics(self, pairs: int, max_new_tokens: int, batch_size: int = 8,
                         poles: tuple[str, ...] = DIMENSIONS,
                         log: Callable[[str], None] = print) -> dict[str, ActivationSummary]:
+        """Activation statistics of each pole's responses; the response texts are kept in
+        `self.pole_responses` (they also serve as the open-ended instrument's control)."""
         summaries = {}
         for pole in poles:
             prompts = self.contrast_prompts(pole, pairs)
-            rollouts, _ = self.generate(prompts, max_new_tokens)
+            rollouts, self.pole_responses[pole] = self.generate(prompts, max_new_tokens)
             ids, mask = sequences(prompts, rollouts, self.pad)
             stats = ActivationStats.for_model(self.model)
             summaries[pole] = response_statistics(self.model, ids, mask, stats,
@@ -185,9 +188,12 @@ class ValueExperiment:
         prompts = [self.prompts.open_question(q) for q in questions]
         with condition.context(self.model, self.fraction, self.steer_seed):
             _, texts = self.generate(prompts, max_new_tokens)
+        return self.text_scores(texts), texts
+
+    def text_scores(self, texts: list[str]) -> dict[str, float]:
         if self._scorer is None:
             self._scorer = TextValueScorer()
-        return dimension_text_scores(self._scorer.score(texts), self.data.value_dims), texts
+        return dimension_text_scores(self._scorer.score(texts), self.data.value_dims)
 
     def perplexity(self, condition: Condition, passages: int | None = None) -> float:
         texts = [self.prompts.plain(t) for t in self.data.neutral_passages[:passages]]
