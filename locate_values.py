@@ -35,7 +35,8 @@ from modules.value_eval import BASIC_VALUES, centred_scores, dimension_shift  # 
 from modules.value_experiment import Condition, ValueExperiment  # noqa: E402
 from modules.value_neurons import (OPPOSITE, ActivationSummary, ValueNeurons,  # noqa: E402
                                    check_dimension, model_signature)
-from modules.value_report import gamma_figure, layer_figure, radar_figure, write_table  # noqa: E402,E501
+from modules.value_report import (by_gamma, gamma_figure, layer_figure,  # noqa: E402
+                                  radar_figure, write_table)
 from train import run_reporting_errors  # noqa: E402
 
 log = logging.getLogger("locate_values")
@@ -149,8 +150,9 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     q_rows.append(dict(dimension=d, neurons=kind, direction=direction,
                                        gamma=g, shift=shift, ci_low=low, ci_high=high))
                     metrics[f"questionnaire/{d}/{kind}_{direction}@{g:g}"] = shift
-    tables["questionnaire"] = write_table(q_rows, out / "questionnaire",
-                                          "Questionnaire: centred dimension score shift")
+    write_table(q_rows, out / "questionnaire")
+    tables["questionnaire"] = write_table(by_gamma(q_rows, "shift"), out / "questionnaire_by_gamma",
+                                          "Questionnaire: centred dimension score shift [95% CI]")
     c_rows = []
     if cfg.validate.personas > 0:  # the instrument's control: a persona prompt per pole
         persona = {p: exp.persona_questionnaire(p, cfg.validate.personas) for p in wanted}
@@ -188,7 +190,9 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                            example=answers[0][:80].replace("\n", " ")))
                         metrics[f"open_ended/{d}/{kind}_{direction}@{g:g}"] = o_rows[-1][
                             "margin_shift"]
-        tables["open_ended"] = write_table(o_rows, out / "open_ended",
+        write_table(o_rows, out / "open_ended")
+        tables["open_ended"] = write_table(by_gamma(o_rows, "margin_shift"),
+                                           out / "open_ended_by_gamma",
                                            "Open-ended answers: pyvalues margin shift")
         log.info("open-ended answers: %d rows, %.0f s", len(o_rows), time.perf_counter() - clock)
 

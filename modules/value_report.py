@@ -100,3 +100,17 @@ def layer_figure(histograms: dict[str, list[int]]) -> plt.Figure:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def by_gamma(rows: list[dict[str, Any]], value: str, interval: bool = True) -> list[dict]:
+    """One row per (dimension, neurons, direction), one column per gamma:
+    "shift [low, high]" (or the bare value), for reading a sweep at a glance."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["dimension"], r["neurons"], r["direction"])
+        row = out.setdefault(key, dict(dimension=key[0], neurons=key[1], direction=key[2]))
+        cell = f"{r[value]:+.4f}"
+        if interval and "ci_low" in r:
+            cell += f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        row[f"gamma {r['gamma']:g}"] = cell
+    return list(out.values())

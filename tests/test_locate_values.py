@@ -182,3 +182,14 @@ def test_gamma_multirun_sweep(tmp_path):
     for job, gamma in (("0", 0.0), ("1", 1.0)):
         rows = (tmp_path / job / "questionnaire.csv").read_text().splitlines()[1:]
         assert rows and {float(r.split(",")[3]) for r in rows} == {gamma}
+
+
+def test_bad_policy_steer_settings(tiny_cfg, tiny_run):
+    out, _, _ = tiny_run
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_cfg("+policy.steer.neurons=/nonexistent.json"))
+    with pytest.raises(ValueError, match="policy.steer.gamma must be a number >= 0"):
+        train(tiny_cfg(f"+policy.steer.neurons={out}/neurons_conservation.json",
+                       "+policy.steer.gamma=-2"))
+    with pytest.raises(ValueError, match="policy.steer.neurons is empty"):
+        train(tiny_cfg("+policy.steer.gamma=1.0"))

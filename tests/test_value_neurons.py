@@ -309,3 +309,39 @@ def test_bad_steering_arguments():
     with pytest.raises(ValueError, match="no gated MLP"):
         activation_probability(gpt2, torch.zeros(1, 3, dtype=torch.long),
                                torch.ones(1, 3, dtype=torch.bool))
+
+
+def _stats_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = planted_model()
+    stats = ActivationStats.for_model(model)
+    for k in range(rank, 4, 2):  # rank r sees batches r, r + 2
+        ids, mask = pole_batch(POLE_A, seed=k, rows=4, width=16)
+        with record_activations(model, stats) as rec, torch.no_grad():
+            rec.mask = mask
+            model(input_ids=ids)
+    summary = stats.compute()  # torchmetrics all-reduces the sum states here
+    torch.save({"prob": summary.prob, "p95": summary.p95, "tokens": summary.tokens},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_statistics_reduce_across_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stats_worker, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    model = planted_model()
+    stats = ActivationStats.for_model(model)
+    for k in range(4):
+        ids, mask = pole_batch(POLE_A, seed=k, rows=4, width=16)
+        with record_activations(model, stats) as rec, torch.no_grad():
+            rec.mask = mask
+            model(input_ids=ids)
+    whole = stats.compute()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["tokens"] == whole.tokens == 4 * 4 * 12
+        assert torch.equal(got["prob"], whole.prob) and torch.equal(got["p95"], whole.p95)
