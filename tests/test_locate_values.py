@@ -185,11 +185,16 @@ def test_gamma_multirun_sweep(tmp_path):
 
 
 def test_bad_policy_steer_settings(tiny_cfg, tiny_run):
+    """Each bad `policy.steer` value ends in the user error that train.py prints as one line."""
+    from train import user_error
+
     out, _, _ = tiny_run
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(tiny_cfg("+policy.steer.neurons=/nonexistent.json"))
-    with pytest.raises(ValueError, match="policy.steer.gamma must be a number >= 0"):
-        train(tiny_cfg(f"+policy.steer.neurons={out}/neurons_conservation.json",
-                       "+policy.steer.gamma=-2"))
-    with pytest.raises(ValueError, match="policy.steer.neurons is empty"):
-        train(tiny_cfg("+policy.steer.gamma=1.0"))
+    cases = [(["+policy.steer.neurons=/nonexistent.json"], FileNotFoundError, "does not exist"),
+             ([f"+policy.steer.neurons={out}/neurons_conservation.json", "+policy.steer.gamma=-2"],
+              ValueError, "policy.steer.gamma must be a number >= 0"),
+             (["+policy.steer.gamma=1.0"], ValueError, "policy.steer.neurons is empty")]
+    for overrides, kind, message in cases:
+        with pytest.raises(Exception) as info:
+            train(tiny_cfg(*overrides))
+        cause = user_error(info.value)
+        assert isinstance(cause, kind) and message in str(cause)
