@@ -153,6 +153,13 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     write_table(q_rows, out / "questionnaire")
     tables["questionnaire"] = write_table(by_gamma(q_rows, "shift"), out / "questionnaire_by_gamma",
                                           "Questionnaire: centred dimension score shift [95% CI]")
+    # How much the unsteered answers depend on the item at all (the instrument's resolution).
+    base_probs = exp.questionnaire_probs(base)
+    tables["instrument"] = write_table(
+        [dict(items=len(item_values), score_mean=float(scores["base"].mean()),
+              score_std_over_items=float(scores["base"].std()),
+              **{f"p_option_{k + 1}": float(v) for k, v in enumerate(base_probs.mean(0))})],
+        out / "questionnaire_instrument", "Questionnaire: unsteered answer distribution")
     c_rows = []
     if cfg.validate.personas > 0:  # the instrument's control: a persona prompt per pole
         persona = {p: exp.persona_questionnaire(p, cfg.validate.personas) for p in wanted}

@@ -151,14 +151,17 @@ class ValueExperiment:
 
     def questionnaire(self, condition: Condition, batch_size: int = 16) -> torch.Tensor:
         """[items] expected scores (1..6) under a condition."""
+        return expected_scores(self.questionnaire_probs(condition, batch_size))
+
+    def questionnaire_probs(self, condition: Condition, batch_size: int = 16) -> torch.Tensor:
+        """[items, 6] option probabilities under a condition."""
         if self._answer_cache is None:  # the unsteered prefixes, shared by every condition
             texts, _ = self.data.items()
             prompts = [self.prompts.questionnaire_item(t, self.data.scale) for t in texts]
             self._answer_cache = AnswerCache(self.model, prompts, self.pad, batch_size)
         options = option_token_ids(self.tokenizer, len(self.data.scale))
         with condition.context(self.model, self.fraction, self.steer_seed):
-            probs = answer_probabilities(self.model, self._answer_cache, options)
-        return expected_scores(probs)
+            return answer_probabilities(self.model, self._answer_cache, options)
 
     def persona_questionnaire(self, pole: str, personas: int,
                               batch_size: int = 16) -> torch.Tensor:

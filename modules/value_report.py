@@ -84,7 +84,7 @@ def radar_figure(values: Sequence[str], series: dict[str, Sequence[float]],
     ax.set_yticklabels([])
     ax.set_title(title + (f"\n(radius = centred score + {offset:.2f})" if offset else ""),
                  fontsize="small")
-    ax.legend(loc="lower right", fontsize="x-small", bbox_to_anchor=(1.15, -0.1))
+    ax.legend(loc="upper left", fontsize="x-small", bbox_to_anchor=(-0.15, 1.12))
     fig.tight_layout()
     return fig
 
