@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,188 +75,243 @@ def load_statistics(path: str, signature: dict) -> dict[str, ActivationSummary]:
     return poles
 
 
+@dataclass
+class Run:
+    """What every phase of one run reads and adds to."""
+    cfg: DictConfig
+    exp: ValueExperiment
+    out: Path
+    dims: list[str]  # the dimensions to validate
+    wanted: list[str]  # ... and their opposites: the sets to locate
+    gammas: list[float]
+    sets: dict[str, dict[str, ValueNeurons]] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    def toward(self, dim: str, kind: str, gamma: float) -> Condition:
+        """Steer `kind` neurons of `dim` up (clamping its opposite's, if configured)."""
+        opposite = self.sets[kind][OPPOSITE[dim]] if self.cfg.steer.clamp_opposite else None
+        return Condition(f"{kind}:{dim}@{gamma:g}", self.sets[kind][dim], opposite, gamma)
+
+    def conditions(self) -> list[Condition]:
+        return [self.toward(d, k, g) for d in self.wanted for k in KINDS for g in self.gammas]
+
+    def directions(self, dim: str) -> tuple[tuple[str, str], ...]:
+        return (("forward", dim), ("reverse", OPPOSITE[dim]))
+
+
 def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
     dims = [check_dimension(d, "dimensions") for d in cfg.dimensions]
     if not dims:
         raise ValueError("dimensions is empty: name at least one value dimension")
     gammas = gammas_of(cfg.steer.gamma)
     if not 0 < cfg.steer.fraction <= 1:
         raise ValueError(f"steer.fraction must be in (0, 1], got {cfg.steer.fraction}")
-    wanted = list(dict.fromkeys([*dims, *(OPPOSITE[d] for d in dims)]))
 
     policy = hydra.utils.instantiate(cfg.policy)
     log.info(describe(policy))
     data = load_value_data(cfg.data.path)
     sampler = hydra.utils.instantiate(cfg.sampler)
     exp = ValueExperiment(policy, sampler, data, cfg.seed, cfg.steer.fraction, cfg.steer.seed)
-    signature = model_signature(policy.model)
+    run = Run(cfg, exp, Path(cfg.paths.output_dir), dims,
+              list(dict.fromkeys([*dims, *(OPPOSITE[d] for d in dims)])), gammas)
 
-    # 1. Neuron sets: located from pole statistics, or loaded from an earlier run.
+    neuron_sets(run)
+    scores = questionnaire(run)
+    persona_control(run, scores["base"])
+    open_ended(run)
+    perplexity_cost(run)
+    write_outputs(run)
+    objects = dict(cfg=cfg, policy=policy, data=data, sampler=sampler, experiment=exp,
+                   neurons=run.sets, scores=scores, tables=run.rows)
+    return run.metrics, objects
+
+
+def neuron_sets(run: Run) -> None:
+    """Located sets (from pole statistics, new or saved) or saved sets; random controls."""
+    cfg, exp, out = run.cfg, run.exp, run.out
+    model = exp.model
+    signature = model_signature(model)
     if cfg.neurons:
-        located = {d: ValueNeurons.load(Path(cfg.neurons) / f"neurons_{d}.json", policy.model)
-                   for d in wanted}
+        located = {d: ValueNeurons.load(Path(cfg.neurons) / f"neurons_{d}.json", model)
+                   for d in run.wanted}
     else:
         if cfg.statistics:  # the pole statistics of an earlier run (e.g. to compare methods)
             summaries = load_statistics(cfg.statistics, signature)
-            missing = sorted(set(wanted) - set(summaries))
+            missing = sorted(set(run.wanted) - set(summaries))
             if missing:
                 raise ValueError(f"statistics={cfg.statistics!r} has no pole {missing}")
         else:
             summaries = exp.pole_statistics(cfg.locate.pairs, cfg.locate.max_new_tokens,
-                                            cfg.locate.batch_size, tuple(wanted), log.info)
+                                            cfg.locate.batch_size, tuple(run.wanted), log.info)
         save_statistics(summaries, signature, out / "pole_statistics.pt")
         with open(out / "pole_responses.jsonl", "w") as handle:
             for pole, answers in exp.pole_responses.items():
                 handle.writelines(json.dumps({"pole": pole, "text": a}) + "\n" for a in answers)
         located = {d: exp.locate(summaries, d, cfg.locate.method, cfg.locate.top_k,
-                                 cfg.locate.min_delta) for d in wanted}
+                                 cfg.locate.min_delta) for d in run.wanted}
     controls = exp.controls(located, signature["d_ff"], cfg.seed)
-    sets = {"located": located, "random": controls}
-    for d in wanted:
+    run.sets = {"located": located, "random": controls}
+    rows = []
+    for d in run.wanted:
         located[d].save(out / f"neurons_{d}.json")
         controls[d].save(out / f"random_{d}.json")
-    neuron_rows = [{"dimension": d, "neurons": len(located[d]),
-                    "max_delta": float(located[d].delta.max()) if len(located[d]) else 0.0,
-                    "mean_delta": float(located[d].delta.mean()) if len(located[d]) else 0.0,
-                    "mean_scale": float(located[d].scale.mean()) if len(located[d]) else 0.0,
-                    "layers": " ".join(map(str, located[d].layer_histogram(signature["layers"])))}
-                   for d in wanted]
-    tables = {"neurons": write_table(neuron_rows, out / "neurons", "Located neurons")}
-    log.info("\n%s", tables["neurons"])
+        n, some = located[d], len(located[d]) > 0
+        rows.append({"dimension": d, "neurons": len(n),
+                     "max_delta": float(n.delta.max()) if some else 0.0,
+                     "mean_delta": float(n.delta.mean()) if some else 0.0,
+                     "mean_scale": float(n.scale.mean()) if some else 0.0,
+                     "layers": " ".join(map(str, n.layer_histogram(signature["layers"])))})
+    run.tables["neurons"] = write_table(rows, out / "neurons", "Located neurons")
+    log.info("\n%s", run.tables["neurons"])
 
-    def toward(dim: str, kind: str, gamma: float) -> Condition:
-        opposite = sets[kind][OPPOSITE[dim]] if cfg.steer.clamp_opposite else None
-        return Condition(f"{kind}:{dim}@{gamma:g}", sets[kind][dim], opposite, gamma)
 
-    conditions = [toward(d, kind, g) for d in wanted for kind in KINDS for g in gammas]
-    base = Condition("base")
-    metrics: dict[str, float] = {}
-
-    # 2. Questionnaire: shift of each dimension's centred score, with a bootstrap interval.
-    _, item_values = data.items()
+def questionnaire(run: Run) -> dict[str, torch.Tensor]:
+    """Each dimension's centred-score shift per condition, with a bootstrap interval."""
+    cfg, exp, data = run.cfg, run.exp, run.exp.data
+    _, items = data.items()
     clock = time.perf_counter()
-    scores = {c.name: exp.questionnaire(c) for c in [base, *conditions]}
-    log.info("questionnaire: %d conditions x %d items, %.0f s", len(scores), len(item_values),
+    conditions = [Condition("base"), *run.conditions()]
+    scores = {c.name: exp.questionnaire(c) for c in conditions}
+    log.info("questionnaire: %d conditions x %d items, %.0f s", len(scores), len(items),
              time.perf_counter() - clock)
-    q_rows = []
-    for d in dims:
+    rows = []
+    for d in run.dims:
         for kind in KINDS:
-            for direction, pole in (("forward", d), ("reverse", OPPOSITE[d])):
-                for g in gammas:
+            for direction, pole in run.directions(d):
+                for g in run.gammas:
                     shift, low, high = dimension_shift(
-                        scores["base"], scores[f"{kind}:{pole}@{g:g}"], item_values,
+                        scores["base"], scores[f"{kind}:{pole}@{g:g}"], items,
                         data.value_dims, d, cfg.validate.bootstrap, cfg.seed)
-                    q_rows.append(dict(dimension=d, neurons=kind, direction=direction,
-                                       gamma=g, shift=shift, ci_low=low, ci_high=high))
-                    metrics[f"questionnaire/{d}/{kind}_{direction}@{g:g}"] = shift
-    write_table(q_rows, out / "questionnaire")
-    tables["questionnaire"] = write_table(by_gamma(q_rows, "shift"), out / "questionnaire_by_gamma",
-                                          "Questionnaire: centred dimension score shift [95% CI]")
+                    rows.append(dict(dimension=d, neurons=kind, direction=direction,
+                                     gamma=g, shift=shift, ci_low=low, ci_high=high))
+                    run.metrics[f"questionnaire/{d}/{kind}_{direction}@{g:g}"] = shift
+    run.rows["questionnaire"] = rows
+    write_table(rows, run.out / "questionnaire")
+    run.tables["questionnaire"] = write_table(
+        by_gamma(rows, "shift"), run.out / "questionnaire_by_gamma",
+        "Questionnaire: centred dimension score shift [95% CI]")
     # How much the unsteered answers depend on the item at all (the instrument's resolution).
-    base_probs = exp.questionnaire_probs(base)
-    tables["instrument"] = write_table(
-        [dict(items=len(item_values), score_mean=float(scores["base"].mean()),
+    probs = exp.questionnaire_probs(conditions[0]).mean(0)
+    run.tables["instrument"] = write_table(
+        [dict(items=len(items), score_mean=float(scores["base"].mean()),
               score_std_over_items=float(scores["base"].std()),
-              **{f"p_option_{k + 1}": float(v) for k, v in enumerate(base_probs.mean(0))})],
-        out / "questionnaire_instrument", "Questionnaire: unsteered answer distribution")
-    c_rows = []
-    if cfg.validate.personas > 0:  # the instrument's control: a persona prompt per pole
-        persona = {p: exp.persona_questionnaire(p, cfg.validate.personas) for p in wanted}
-        for d in dims:
-            for direction, pole in (("forward", d), ("reverse", OPPOSITE[d])):
-                shift, low, high = dimension_shift(scores["base"], persona[pole], item_values,
-                                                   data.value_dims, d, cfg.validate.bootstrap,
-                                                   cfg.seed)
-                c_rows.append(dict(dimension=d, persona=pole, direction=direction,
-                                   shift=shift, ci_low=low, ci_high=high))
-                metrics[f"questionnaire/{d}/persona_{direction}"] = shift
-        tables["persona"] = write_table(c_rows, out / "persona_control",
-                                        "Questionnaire control: persona prompt instead of steering")
-    value_rows = []
+              **{f"p_option_{k + 1}": float(v) for k, v in enumerate(probs)})],
+        run.out / "questionnaire_instrument", "Questionnaire: unsteered answer distribution")
+    values = []
     for name, s in scores.items():
-        values, dim_scores = centred_scores(s, item_values, data.value_dims)
-        value_rows.append({"condition": name, **{v: values.get(v, float("nan"))
-                                                 for v in BASIC_VALUES}, **dim_scores})
-    write_table(value_rows, out / "questionnaire_values")
+        per_value, per_dim = centred_scores(s, items, data.value_dims)
+        values.append({"condition": name, **{v: per_value.get(v, float("nan"))
+                                             for v in BASIC_VALUES}, **per_dim})
+    run.rows["values"] = values
+    write_table(values, run.out / "questionnaire_values")
+    return scores
 
-    # 3. Open-ended answers to held-out questions, scored by the pyvalues dictionaries.
-    o_rows = []
-    clock = time.perf_counter()
-    if cfg.validate.open_ended > 0:
-        count, tokens = cfg.validate.open_ended, cfg.validate.max_new_tokens
-        base_text = {d: exp.open_ended(base, d, count, tokens)[0] for d in dims}
-        for d in dims:
-            margin = lambda s: s[d] - s[OPPOSITE[d]]  # noqa: E731
-            for kind in KINDS:
-                for direction, pole in (("forward", d), ("reverse", OPPOSITE[d])):
-                    for g in gammas_of(cfg.validate.open_gamma):
-                        s, answers = exp.open_ended(toward(pole, kind, g), d, count, tokens)
-                        o_rows.append(dict(dimension=d, neurons=kind, direction=direction,
-                                           gamma=g, margin_shift=margin(s) - margin(base_text[d]),
-                                           example=answers[0][:80].replace("\n", " ")))
-                        metrics[f"open_ended/{d}/{kind}_{direction}@{g:g}"] = o_rows[-1][
-                            "margin_shift"]
-        write_table(o_rows, out / "open_ended")
-        tables["open_ended"] = write_table(by_gamma(o_rows, "margin_shift"),
-                                           out / "open_ended_by_gamma",
-                                           "Open-ended answers: pyvalues margin shift")
-        log.info("open-ended answers: %d rows, %.0f s", len(o_rows), time.perf_counter() - clock)
 
-    # The open-ended instrument's control: pyvalues margins of the persona-prompted location
-    # responses (prompted toward each pole), relative to the opposite pole's responses.
+def persona_control(run: Run, base: torch.Tensor) -> None:
+    """The questionnaire's control: a persona prompt of each pole instead of steering; and the
+    pyvalues margins of the persona-prompted location responses."""
+    cfg, exp, data = run.cfg, run.exp, run.exp.data
+    _, items = data.items()
+    rows = []
+    if cfg.validate.personas > 0:
+        persona = {p: exp.persona_questionnaire(p, cfg.validate.personas) for p in run.wanted}
+        for d in run.dims:
+            for direction, pole in run.directions(d):
+                shift, low, high = dimension_shift(base, persona[pole], items, data.value_dims,
+                                                   d, cfg.validate.bootstrap, cfg.seed)
+                rows.append(dict(dimension=d, persona=pole, direction=direction,
+                                 shift=shift, ci_low=low, ci_high=high))
+                run.metrics[f"questionnaire/{d}/persona_{direction}"] = shift
+        run.tables["persona"] = write_table(
+            rows, run.out / "persona_control",
+            "Questionnaire control: persona prompt instead of steering")
+    run.rows["persona"] = rows
     if exp.pole_responses:
         text = {p: exp.text_scores(a) for p, a in exp.pole_responses.items()}
-        rows = [dict(dimension=d, margin_pole=text[d][d] - text[d][OPPOSITE[d]],
-                     margin_opposite=text[OPPOSITE[d]][d] - text[OPPOSITE[d]][OPPOSITE[d]])
-                for d in dims if d in text and OPPOSITE[d] in text]
-        for r in rows:
+        margins = [dict(dimension=d, margin_pole=text[d][d] - text[d][OPPOSITE[d]],
+                        margin_opposite=text[OPPOSITE[d]][d] - text[OPPOSITE[d]][OPPOSITE[d]])
+                   for d in run.dims if d in text and OPPOSITE[d] in text]
+        for r in margins:
             r["difference"] = r["margin_pole"] - r["margin_opposite"]
-        tables["persona_text"] = write_table(rows, out / "persona_text_control",
-                                             "Open-ended control: pyvalues margin of persona "
-                                             "responses (pole minus opposite)")
+        run.tables["persona_text"] = write_table(
+            margins, run.out / "persona_text_control",
+            "Open-ended control: pyvalues margin of persona responses (pole minus opposite)")
 
-    # 4. The cost of steering: perplexity of neutral passages, steered at every position.
-    p_rows = []
+
+def open_ended(run: Run) -> None:
+    """Answers to held-out questions, scored by the pyvalues dictionaries: the shift of the
+    dimension's margin over its opposite."""
+    cfg, exp = run.cfg, run.exp
+    rows: list[dict] = []
+    run.rows["open_ended"] = rows
+    if cfg.validate.open_ended <= 0:
+        return
     clock = time.perf_counter()
-    if cfg.validate.perplexity:
-        ppl = {c.name: exp.perplexity(c, cfg.validate.passages) for c in [base, *conditions]}
-        p_rows = [{"condition": name, "perplexity": value, "ratio": value / ppl["base"]}
-                  for name, value in ppl.items()]
-        metrics["perplexity/base"] = ppl["base"]
-        log.info("perplexity: %d conditions, %.0f s", len(ppl), time.perf_counter() - clock)
-        tables["perplexity"] = write_table(p_rows, out / "perplexity", "Neutral-text perplexity")
+    count, tokens = cfg.validate.open_ended, cfg.validate.max_new_tokens
+    for d in run.dims:
+        base = exp.open_ended(Condition("base"), d, count, tokens)[0]
+        for kind in KINDS:
+            for direction, pole in run.directions(d):
+                for g in gammas_of(cfg.validate.open_gamma):
+                    s, answers = exp.open_ended(run.toward(pole, kind, g), d, count, tokens)
+                    shift = (s[d] - s[OPPOSITE[d]]) - (base[d] - base[OPPOSITE[d]])
+                    rows.append(dict(dimension=d, neurons=kind, direction=direction, gamma=g,
+                                     margin_shift=shift,
+                                     example=answers[0][:80].replace("\n", " ")))
+                    run.metrics[f"open_ended/{d}/{kind}_{direction}@{g:g}"] = shift
+    write_table(rows, run.out / "open_ended")
+    run.tables["open_ended"] = write_table(by_gamma(rows, "margin_shift"),
+                                           run.out / "open_ended_by_gamma",
+                                           "Open-ended answers: pyvalues margin shift")
+    log.info("open-ended answers: %d rows, %.0f s", len(rows), time.perf_counter() - clock)
 
-    # 5. Plots, also into TensorBoard (global step = 100 x gamma for the sweep scalars).
-    figures = {"score_vs_gamma": gamma_figure(q_rows, dims),
-               "layers": layer_figure({d: located[d].layer_histogram(signature["layers"])
-                                       for d in wanted})}
-    top = max(gammas)
-    for d in dims:
-        series = {"unsteered": [value_rows[0][v] for v in BASIC_VALUES]}
-        row = next(r for r in value_rows if r["condition"] == f"located:{d}@{top:g}")
-        series[f"toward {d} (gamma {top:g})"] = [row[v] for v in BASIC_VALUES]
-        figures[f"radar_{d}"] = radar_figure(BASIC_VALUES, series, d.replace("_", " "))
+
+def perplexity_cost(run: Run) -> None:
+    """The cost of steering: perplexity of neutral passages, steered at every position."""
+    rows: list[dict] = []
+    run.rows["perplexity"] = rows
+    if not run.cfg.validate.perplexity:
+        return
+    clock = time.perf_counter()
+    ppl = {c.name: run.exp.perplexity(c, run.cfg.validate.passages)
+           for c in [Condition("base"), *run.conditions()]}
+    rows += [{"condition": name, "perplexity": value, "ratio": value / ppl["base"]}
+             for name, value in ppl.items()]
+    run.metrics["perplexity/base"] = ppl["base"]
+    log.info("perplexity: %d conditions, %.0f s", len(ppl), time.perf_counter() - clock)
+    run.tables["perplexity"] = write_table(rows, run.out / "perplexity",
+                                           "Neutral-text perplexity")
+
+
+def write_outputs(run: Run) -> None:
+    """PNG plots and summary.md; plots, tables and the sweep into TensorBoard (global step =
+    100 x gamma for the sweep scalars)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"))
+    layers = model_signature(run.exp.model)["layers"]
+    figures = {"score_vs_gamma": gamma_figure(run.rows["questionnaire"], run.dims),
+               "layers": layer_figure({d: run.sets["located"][d].layer_histogram(layers)
+                                       for d in run.wanted})}
+    top, values = max(run.gammas), run.rows["values"]
+    for d in run.dims:
+        row = next(r for r in values if r["condition"] == f"located:{d}@{top:g}")
+        series = {"unsteered": [values[0][v] for v in BASIC_VALUES],
+                  f"toward {d} (gamma {top:g})": [row[v] for v in BASIC_VALUES]}
+        figures[f"radar_{d}"] = radar_figure(BASIC_VALUES, series, d.replace("_", " "))
+    writer = SummaryWriter(str(run.out / "tensorboard"))
     for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=110)
+        fig.savefig(run.out / f"{name}.png", dpi=110)
         writer.add_figure(f"values/{name}", fig)
-    for r in q_rows:
+    for r in run.rows["questionnaire"]:
         writer.add_scalar(f"values/{r['dimension']}/{r['neurons']}_{r['direction']}", r["shift"],
                           global_step=round(100 * r["gamma"]))
-    for name, text in tables.items():
+    for name, text in run.tables.items():
         writer.add_text(f"values/{name}", text)
     writer.close()
-    summary = "\n".join(t for t in tables.values() if t)
-    (out / "summary.md").write_text(summary)
-    objects = dict(cfg=cfg, policy=policy, data=data, sampler=sampler, experiment=exp,
-                   neurons=sets, scores=scores, tables=dict(questionnaire=q_rows, persona=c_rows,
-                                                             open_ended=o_rows,
-                                                             perplexity=p_rows))
-    return metrics, objects
+    (run.out / "summary.md").write_text("\n".join(t for t in run.tables.values() if t))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="locate_values.yaml")

@@ -13,8 +13,9 @@ a = act(gate(x)), with the model's own `act_fn` (SiLU for Llama/Qwen, GeLU-tanh 
     with steer(model, neurons, gamma=1.0):
         model.generate(...)                            # or any sampler of samplers/
 
-Both contexts swap each MLP's `act_fn` for a wrapper and put the original back on exit, so
-they work inside the decode engine, `model.generate` and the training forward alike.
+Both contexts swap each MLP's `act_fn` for a wrapper (modules/mlp_hooks.py) and put the
+original back on exit, so they work inside the decode engine, `model.generate` and the training
+forward alike. The statistics live in modules/activation_stats.py and are re-exported here.
 """
 from __future__ import annotations
 
@@ -26,16 +27,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torchmetrics import Metric
+
+from modules.activation_stats import (ActivationStats, ActivationSummary,  # noqa: F401
+                                      record_activations)
+from modules.mlp_hooks import (gated_mlps, mlp_width, model_signature,  # noqa: F401
+                               steering_paused, wrap_activations)
 
 DIMENSIONS = ("openness_to_change", "conservation", "self_enhancement", "self_transcendence")
 OPPOSITE = {"openness_to_change": "conservation", "conservation": "openness_to_change",
             "self_enhancement": "self_transcendence", "self_transcendence": "self_enhancement"}
-
-# Histogram of activations per neuron, for the 95th percentile: bin 0 holds a <= 0, then
-# geometric bins from 1e-3 to 1e2 (about 10% wide), then one overflow bin.
-_EDGES = torch.cat([torch.zeros(1), torch.logspace(-3, 2, 127, dtype=torch.float64).float()])
-NUM_BINS = len(_EDGES) + 1
 
 
 def check_dimension(name: str, setting: str = "dimension") -> str:
@@ -45,165 +45,7 @@ def check_dimension(name: str, setting: str = "dimension") -> str:
     return name
 
 
-# ----------------------------------------------------------------------------- the MLPs
-
-
-def gated_mlps(model: Any) -> list[Any]:
-    """Every gated MLP (gate_proj, up_proj, down_proj, act_fn) of the model, in layer order."""
-    mlps = [m for m in model.modules()
-            if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
-    if not mlps:
-        raise ValueError(f"{type(model).__name__} has no gated MLP (modules with gate_proj, "
-                         "up_proj, down_proj and act_fn, as in Llama, Qwen, Mistral, Gemma): "
-                         "value neurons are defined on act_fn(gate_proj(x))")
-    return mlps
-
-
-def mlp_width(mlp: Any) -> int:
-    gate = mlp.gate_proj
-    gate = getattr(gate, "base_layer", gate)  # a peft LoRA layer wraps the Linear
-    return int(gate.out_features)
-
-
-def model_signature(model: Any) -> dict[str, Any]:
-    """What a neuron set is tied to: the architecture (not the weights, so that a policy
-    being trained by GRPO still accepts the neurons located on its base model)."""
-    mlps = gated_mlps(model)
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {"model_type": getattr(text, "model_type", type(model).__name__),
-            "layers": len(mlps), "d_ff": mlp_width(mlps[0]),
-            "hidden_size": int(getattr(mlps[0].gate_proj, "in_features", 0) or
-                               getattr(text, "hidden_size", 0)),
-            "vocab_size": int(getattr(text, "vocab_size", 0))}
-
-
-class _Wrapped(torch.nn.Module):
-    """An MLP's activation function followed by a hook `fn(layer, a) -> a`."""
-
-    def __init__(self, act: torch.nn.Module, layer: int, fn: Any) -> None:
-        super().__init__()
-        self.act, self.layer, self.fn = act, layer, fn
-        self.paused = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act(x)
-        return a if self.paused else self.fn(self.layer, a)
-
-
-@contextmanager
-def steering_paused(model: Any) -> Iterator[None]:
-    """Run forwards inside a `steer` context as if it were not there (e.g. to compute KV that
-    every steering condition shares)."""
-    wrapped = [m for m in model.modules() if isinstance(m, _Wrapped)
-               and isinstance(m.fn, Steering) and not m.paused]
-    for m in wrapped:
-        m.paused = True
-    try:
-        yield
-    finally:
-        for m in wrapped:
-            m.paused = False
-
-
-@contextmanager
-def _wrap_activations(model: Any, fn: Any) -> Iterator[list[Any]]:
-    mlps = gated_mlps(model)
-    originals = [mlp.act_fn for mlp in mlps]
-    try:
-        for layer, mlp in enumerate(mlps):
-            mlp.act_fn = _Wrapped(mlp.act_fn, layer, fn)
-        yield mlps
-    finally:
-        for mlp, act in zip(mlps, originals):
-            mlp.act_fn = act
-
-
 # ----------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class ActivationSummary:
-    prob: torch.Tensor  # [layers, d_ff]: fraction of counted tokens with a > 0
-    p95: torch.Tensor  # [layers, d_ff]: 95th percentile of a over counted tokens
-    tokens: int
-
-
-class ActivationStats(Metric):
-    """Per-neuron histogram of activations over counted (response) tokens.
-
-    Sum states only, so DDP ranks reduce exactly: the activation probability and the 95th
-    percentile (to ~10%, interpolated within a bin; 0 when 95% of tokens have a <= 0) are both
-    read off the summed histogram.
-    """
-
-    full_state_update = False
-
-    def __init__(self, layers: int, d_ff: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.layers, self.d_ff = layers, d_ff
-        self.add_state("hist", torch.zeros(layers, d_ff, NUM_BINS, dtype=torch.int32),
-                       dist_reduce_fx="sum")
-        self.add_state("tokens", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    @classmethod
-    def for_model(cls, model: Any) -> ActivationStats:
-        mlps = gated_mlps(model)
-        return cls(len(mlps), mlp_width(mlps[0])).to(next(model.parameters()).device)
-
-    def update(self, layer: int, activations: torch.Tensor, mask: torch.Tensor) -> None:
-        """activations [B, T, d_ff] of one layer; mask [B, T] bool (tokens to count)."""
-        acts = activations[mask.to(activations.device)].float()  # [n, d_ff]
-        edges = _EDGES.to(acts.device)
-        bins = torch.bucketize(acts, edges)  # a <= 0 -> 0, (0, 1e-3] -> 1, ...
-        flat = bins + NUM_BINS * torch.arange(self.d_ff, device=acts.device)
-        counts = torch.bincount(flat.flatten(), minlength=self.d_ff * NUM_BINS)
-        self.hist[layer] += counts.view(self.d_ff, NUM_BINS).to(self.hist.dtype)
-        if layer == 0:
-            self.tokens += acts.shape[0]
-
-    def compute(self) -> ActivationSummary:
-        hist = self.hist.double()  # [L, D, bins]
-        total = max(int(self.tokens), 1)
-        prob = (1.0 - hist[..., 0] / total).float()
-        return ActivationSummary(prob.clamp(min=0.0), _quantile(hist, 0.95), int(self.tokens))
-
-
-def _quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of each neuron's histogram [L, D, bins], geometric within a bin."""
-    total = hist.sum(-1, keepdim=True).clamp(min=1)
-    cdf = hist.cumsum(-1)
-    target = q * total  # [L, D, 1]
-    b = (cdf < target).sum(-1, keepdim=True).clamp(max=NUM_BINS - 1)  # first bin reaching q
-    before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(target))
-    inside = ((target - before) / hist.gather(-1, b).clamp(min=1)).clamp(0, 1)
-    edges = torch.cat([_EDGES.double(), _EDGES[-1:].double()]).to(hist.device)
-    low, high = edges[(b - 1).clamp(min=0)], edges[b.clamp(max=len(_EDGES) - 1)]
-    value = torch.where(low > 0, low * (high / low.clamp(min=1e-12)) ** inside,
-                        high * inside)  # the first positive bin starts at 0: linear there
-    value = torch.where(b == 0, torch.zeros_like(value), value)
-    value = torch.where(b >= len(_EDGES), edges[-1].expand_as(value), value)
-    return value.squeeze(-1).float()
-
-
-class _Recorder:
-    def __init__(self, stats: ActivationStats) -> None:
-        self.stats, self.mask = stats, None
-
-    def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            raise ValueError("record_activations: set `.mask` ([B, T] bool) before the forward")
-        self.stats.update(layer, a.detach(), self.mask)
-        return a
-
-
-@contextmanager
-def record_activations(model: Any, stats: ActivationStats) -> Iterator[_Recorder]:
-    """Feed every gated-MLP activation of each forward into `stats`, at the tokens of the
-    recorder's `.mask` ([B, T] bool, set before each forward)."""
-    recorder = _Recorder(stats)
-    with _wrap_activations(model, recorder):
-        yield recorder
 
 
 @torch.no_grad()
@@ -350,6 +192,7 @@ def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
 
 class Steering:
     """The active steering of one `steer` context: per layer, which neurons get how much.
+    (`pausable`: `steering_paused(model)` switches it off for a forward.)
 
     `positions` ([B, T] bool), when set and matching a forward's shape, replaces the rule of
     which positions are steered (the training forward scores all response positions at once).
@@ -377,6 +220,7 @@ class Steering:
                 self.clamp[layer] = opposite.index[opposite.layer == layer]
         self.layers = signature["layers"]
         self.positions: torch.Tensor | None = None
+        self.pausable = True
         self._device_cache: dict[Any, Any] = {}
 
     def _on(self, device: torch.device, layer: int) -> tuple[Any, Any]:
@@ -428,7 +272,7 @@ def steer(model: Any, target: ValueNeurons, gamma: float, opposite: ValueNeurons
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"steer.fraction must be in (0, 1], got {fraction!r}")
     steering = Steering(model, target, float(gamma), opposite, float(fraction), seed)
-    with _wrap_activations(model, steering):
+    with wrap_activations(model, steering):
         yield steering
 
 
