@@ -226,7 +226,8 @@ class GRPOModule(pl.LightningModule):
     def log_probs(self, model: Any, prompts: list[list[int]], rollouts: Rollouts,
                   rows: torch.Tensor,
                   with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs and entropies of completions `rows`: two [b, T] tensors.
+        """Per-token log-probs and entropies of completions `rows`: two [b, T] tensors, under
+        the sampling distribution softmax(logits / temperature), for the ratio, KL and entropy.
 
         Prompts are left-padded to a common width so that every completion starts at the same
         column; positions restart at 0 after the padding of each row.
@@ -249,6 +250,8 @@ class GRPOModule(pl.LightningModule):
         with self.steered_scoring(model, prompt_width, lengths):
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
                            use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
+        if self.hparams.temperature > 0:  # score under the distribution that sampled (as TRL)
+            logits = logits / self.hparams.temperature
         targets = completions.to(self.device)
         logp = token_log_probs(logits, targets)
         if not with_entropy:  # old/reference passes only need log-probs

@@ -80,3 +80,22 @@ class ScriptedLM(torch.nn.Module):
         hidden = torch.stack([target, fed], -1)[:, None]  # [n, 1, 2]
         return SimpleNamespace(logits=logits, past_key_values=None if decoding else cache,
                                hidden_states=(hidden,) if output_hidden_states else None)
+
+
+class GradRecorder:
+    """Lightning callback (by duck typing, added with `+callbacks.grads._target_=...`) that
+    keeps a copy of every policy gradient just before each optimizer step."""
+
+    def __new__(cls, *args, **kwargs):
+        import lightning.pytorch as pl
+
+        class _Recorder(pl.Callback):
+            def __init__(self) -> None:
+                self.grads: list[dict[str, torch.Tensor]] = []
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+                self.grads.append({n: p.grad.detach().clone()
+                                   for n, p in pl_module.policy.named_parameters()
+                                   if p.grad is not None})
+
+        return _Recorder()
