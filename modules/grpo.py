@@ -314,7 +314,14 @@ class GRPOModule(pl.LightningModule):
         """Greedy accuracy: one completion per validation prompt."""
         hp = self.hparams
         spec = self.spec(temperature=0.0, max_new_tokens=hp.val_max_new_tokens)
-        rollouts = self.generate(batch["prompt_ids"], 1, spec)
+        learning = getattr(self.sampler, "learning", None)
+        if learning is not None:  # greedy G = 1 lengths must not refit the length predictor
+            self.sampler.learning = False
+        try:
+            rollouts = self.generate(batch["prompt_ids"], 1, spec)
+        finally:
+            if learning is not None:
+                self.sampler.learning = learning
         rewards, per_fn = self.score(batch, rollouts)
         size = len(batch["prompt_ids"])
         metrics = {"val/reward": rewards.mean(),

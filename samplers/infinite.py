@@ -62,6 +62,9 @@ class InfiniteSampler:
         self.probe_tokens, self.refill, self.grouping = probe_tokens, refill, grouping
         self.epsilon = epsilon
         self.predictor = predictor if predictor is not None else HistoryPredictor()
+        # False while the caller samples another distribution than training's (greedy
+        # validation): the predictor then predicts but is not refitted on those lengths.
+        self.learning = True
 
     def bind(self, tokenizer: Any) -> None:
         """Give text predictors (minilm) the policy tokenizer to decode prompts and probes."""
@@ -94,7 +97,8 @@ class InfiniteSampler:
         result = merge(done, main, store, prompts, wall)
         true = remaining_lengths(main, samples, self.probe_tokens)
         fit_start = time.perf_counter()
-        self.predictor.observe(batch, true)
+        if self.learning:
+            self.predictor.observe(batch, true)
         peak = self.peak_bytes(model, prompts, group_size, spec, m)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         result.extras.update(

@@ -94,3 +94,21 @@ def test_lora_reference_is_the_base_model(tiny_cfg):
         expected = base(input_ids=ids).logits
     torch.testing.assert_close(reference, expected)
     assert not torch.allclose(trained, expected)  # the adapters did train
+
+
+def test_validation_does_not_train_the_length_predictor(tiny_cfg, monkeypatch):
+    """Greedy G = 1 validation lengths come from another distribution: only the training
+    step's lengths reach the predictor's observe()."""
+    from samplers.length_predictors import HistoryPredictor
+
+    seen = []
+    original = HistoryPredictor.observe
+    monkeypatch.setattr(HistoryPredictor, "observe",
+                        lambda self, batch, true: (seen.append(len(true)),
+                                                   original(self, batch, true))[1])
+    _, objects = train(tiny_cfg("sampler=infinite", "predictor=history", "trainer.max_steps=1",
+                                "trainer.val_check_interval=1", "data.val_size=4",
+                                "sampler.probe_tokens=2", "callbacks=none"))
+    assert objects["trainer"].global_step == 1
+    assert len(seen) == 1  # the one training step; the validation pass (2 batches) observed nothing
+    assert objects["sampler"].learning is True  # restored after validation
