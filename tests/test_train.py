@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from callbacks.digest import weight_digest
 from modules.rewards import RewardError
@@ -184,3 +183,74 @@ def test_cli_user_error_is_one_line_not_a_traceback(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "error: ValueError: group_size must be an int >= 1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
+    """A process killed while writing a checkpoint (half its bytes out) leaves the previous
+    file intact and loadable, and no stray temporary file."""
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "last.ckpt"
+    from callbacks.checkpoint import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, target)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from callbacks.checkpoint import AtomicCheckpointIO
+        real_save = torch.save
+        def dying_save(obj, handle, *args, **kwargs):
+            import io
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2]); handle.flush()
+            os._exit(9)  # killed mid-write
+        torch.save = dying_save
+        AtomicCheckpointIO().save_checkpoint({{"step": 2, "w": torch.zeros(1000)}},
+                                             {str(target)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    loaded = AtomicCheckpointIO().load_checkpoint(target)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    # what the killed process left is only its own temporary file, never the target
+    others = {p.name for p in tmp_path.iterdir()} - {"last.ckpt"}
+    assert all(name.startswith(".last.ckpt.tmp") for name in others)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_corrupt_ckpt_path_is_named(tiny_cfg, tmp_path, content):
+    from train import user_error
+
+    bad = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        _, objects = train(tiny_cfg("trainer.max_steps=1", "callbacks=none",
+                                    output_dir=tmp_path / "run"))
+        objects["trainer"].save_checkpoint(tmp_path / "good.ckpt")
+        data = (tmp_path / "good.ckpt").read_bytes()
+        content = data[: len(data) // 2]
+    bad.write_bytes(content)
+    with pytest.raises(Exception) as info:
+        train(tiny_cfg("trainer.max_steps=2", f"ckpt_path={bad}", output_dir=tmp_path / "r2"))
+    cause = user_error(info.value)
+    assert isinstance(cause, ValueError) and "bad.ckpt" in str(cause)
+    assert "not a readable checkpoint" in str(cause)
+
+
+def test_step_checkpoints_without_lightning_warnings(tiny_cfg, tmp_path):
+    """StepCheckpoint saves every N steps and at the end, and nothing warns about manual
+    optimization (Lightning's ModelCheckpoint does at every step-based save)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_cfg("trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2",
+                       "callbacks.model_checkpoint.save_top_k=-1"))
+    assert not [w for w in caught if "manual optimization" in str(w.message)]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step_000002.ckpt", "step_000003.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3  # saved again at the end of training
