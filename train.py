@@ -49,6 +49,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     limit = context_length(policy.model)
     max_prompt = cfg.data.get("max_prompt_tokens")
+    if limit is not None and cfg.model.max_new_tokens >= limit:
+        raise ValueError(f"model.max_new_tokens={cfg.model.max_new_tokens} leaves no room for "
+                         f"the prompt: the policy's context is {limit} tokens (use at most "
+                         f"{limit - 1}, less the longest prompt)")
     if max_prompt is None and limit is not None:
         max_prompt = limit - cfg.model.max_new_tokens
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=policy.tokenizer,

@@ -134,6 +134,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     ("model.loss_type=mean", ValueError, "loss_type"),
     ("data.source.size=0", ValueError, "size"),
     ("policy.max_position_embeddings=64", ValueError, "context|max_prompt_tokens|longer"),
+    ("model.max_new_tokens=5000", ValueError, "model.max_new_tokens=5000 leaves no room"),
 ])
 def test_bad_config_gives_a_clear_error(tiny_cfg, override, error, message):
     with pytest.raises(Exception) as info:
