@@ -4,8 +4,10 @@ Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training b
 `sampling/*` and `memory/kv_peak_gb` (DESIGN.md section 7). Works with any sampler.
 `sampling/steps_lower_bound` is max(max L, ceil(sum L / m)) over the batch with m = the
 sampler's slots (its max concurrency when it has none), or the sampler's own bound when it
-states one (`infinite`: the decode phase after its probe, logged as `sampling/probe_steps`); `sampling/slot_utilization` is
-generated tokens / (decoding steps x m).
+states one (`infinite`: the decode phase after its probe, logged as `sampling/probe_steps`).
+`sampling/slot_utilization` means the same for every sampler: busy row-steps (each slot-trace
+span's steps; generated tokens for samplers without a trace) / (all steps x m), where all
+steps include `infinite`'s probe steps; it is at most 1.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     if bound is None:
         bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
     extra = {}
+    steps = stats.decoding_steps + int(stats.extras.get("probe_steps", 0))
+    trace = stats.extras.get("slot_trace")
+    busy = (sum(end - start + 1 for _, _, start, end in trace) if trace is not None
+            else stats.generated_tokens)
     if "probe_steps" in stats.extras:
         extra["sampling/probe_steps"] = float(stats.extras["probe_steps"])
     if "predicted_peak_bytes" in stats.extras:  # engine samplers: the `auto` planner's model
@@ -38,7 +44,7 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
         **extra,
         "sampling/steps_lower_bound": float(bound),
         "sampling/steps_over_lb": stats.decoding_steps / max(1, bound),
-        "sampling/slot_utilization": stats.generated_tokens / max(1, stats.decoding_steps * slots),
+        "sampling/slot_utilization": busy / max(1, steps * slots),
         "sampling/decoding_steps": float(stats.decoding_steps),
         "sampling/prefill_tokens": float(stats.prefill_tokens),
         "sampling/prefill_passes": float(stats.prefill_passes),

@@ -153,3 +153,29 @@ def test_auto_slots_count_the_parked_probe_kv(model):
     with pytest.raises(ValueError, match="memory_budget_gb"):
         InfiniteSampler("auto", budget / (1 << 30), probe_tokens=64).slots(model, PROMPTS, 64,
                                                                            spec)
+
+
+@pytest.mark.parametrize("k", [0, 2, 6])
+def test_slot_utilization_means_the_same_for_infinite(k):
+    """Busy row-steps / (all steps x m), probe steps included, is at most 1 whatever k
+    (generated tokens / decode steps was 15/14 at k = 0, and had no probe steps at k = 6)."""
+    from callbacks.sampling import sampling_metrics
+
+    lengths, m = [3, 2, 5, 1, 4], 2
+    r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
+        ScriptedLM(), [[n, 4] for n in lengths], 1, SCRIPTED)
+    util = sampling_metrics(r)["sampling/slot_utilization"]
+    steps = r.stats.decoding_steps + r.stats.extras["probe_steps"]
+    busy = sum(end - start + 1 for _, _, start, end in r.stats.extras["slot_trace"])
+    assert util == pytest.approx(busy / (steps * m)) and 0 < util <= 1
+
+
+def test_slot_utilization_of_micro_rounds_by_hand():
+    """`micro`, m = 2, G = 3, completions of 3 and 5 tokens: rounds [3, 3], [3, 5], [5, 5]
+    take 3 + 5 + 5 = 13 steps on 2 slots with 24 busy row-steps: 24 / 26."""
+    from callbacks.sampling import sampling_metrics
+    from samplers.micro import MicroSampler
+
+    r = MicroSampler(2).sample(ScriptedLM(), [[3, 4], [5, 4]], 3, SCRIPTED)
+    assert r.stats.decoding_steps == 13
+    assert sampling_metrics(r)["sampling/slot_utilization"] == pytest.approx(24 / 26)
