@@ -114,6 +114,12 @@ def main(cfg: DictConfig) -> float | None:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                             if k.startswith(("train/reward", "train/accuracy", "val/")))
         print(f"\nfinished {trainer.global_step} steps: {summary}")
+        rewards = objects["model"].reward_log
+        if rewards:
+            n = min(5, len(rewards))
+            print(f"train/reward: first step {rewards[0]:.3f}, last step {rewards[-1]:.3f}; "
+                  f"mean of the first {n} steps {sum(rewards[:n]) / n:.3f}, of the last {n} "
+                  f"{sum(rewards[-n:]) / n:.3f}")
         output_dir = cfg.paths.output_dir
         print(f"logs: {output_dir}\nTensorBoard: tensorboard --logdir {output_dir}/tensorboard")
     return metrics.get(cfg.get("optimized_metric") or "")

@@ -81,6 +81,7 @@ class GRPOModule(pl.LightningModule):
         if beta > 0 and not hasattr(self.policy, "disable_adapter"):
             self._ref.append(copy.deepcopy(self.policy).requires_grad_(False).eval())
         self.last_rollouts: Rollouts | None = None
+        self.reward_log: list[float] = []  # this process's mean reward per step of this run
 
     # ------------------------------------------------------------------ lightning plumbing
 
@@ -283,6 +284,7 @@ class GRPOModule(pl.LightningModule):
                  update: dict[str, float]) -> None:
         group = rollouts.prompt_index
         num_groups = int(group.max()) + 1
+        self.reward_log.append(float(rewards.mean()))
         maxima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amax",
                                                         include_self=False)
         minima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amin",
