@@ -308,8 +308,10 @@ class _Run:
         for other in self.queue.on_finished(sample):
             self.result.cancelled.append(other)
             self.free(self.row_of[other], step, feed)
-        if self.queue.remaining(sample[0]) == 0:
+        if self.queue.remaining(sample[0]) == 0 and not self.keep_store:
             self.store.pop(sample[0], None)  # Dynamic-Slot: the prompt is complete
+            # (a caller-owned store keeps its prompts: the caller runs them again, e.g. the
+            # infinite sampler's decode phase after its probe)
 
     def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]

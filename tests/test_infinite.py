@@ -179,3 +179,24 @@ def test_slot_utilization_of_micro_rounds_by_hand():
     r = MicroSampler(2).sample(ScriptedLM(), [[3, 4], [5, 4]], 3, SCRIPTED)
     assert r.stats.decoding_steps == 13
     assert sampling_metrics(r)["sampling/slot_utilization"] == pytest.approx(24 / 26)
+
+
+@pytest.mark.parametrize("predictor", ["history", "oracle"])
+def test_each_prompt_is_prefilled_exactly_once(predictor):
+    """Counted by a forward hook on the model (forwards over more than one token per row are
+    prompt prefills), not by the engine's counters; the stats report the same number."""
+    from samplers.length_predictors import HistoryPredictor
+
+    model = tiny_lm(seed=3)
+    prompts = [[5, 9, 11, 2], [7, 3, 8], [4, 4, 6, 1, 2]]
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    chosen = OraclePredictor() if predictor == "oracle" else HistoryPredictor()
+    spec = GenerationSpec(max_new_tokens=12, seed=1)
+    r = InfiniteSampler(2, probe_tokens=2, predictor=chosen).sample(model, prompts, 3, spec)
+    hook.remove()
+    prefills = sum(1 for w in widths if w > 1)
+    assert prefills == len(prompts)
+    assert r.stats.prefill_passes == prefills
+    assert r.stats.prefill_tokens == sum(len(p) for p in prompts)
