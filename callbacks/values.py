@@ -69,9 +69,8 @@ class ValueMonitor(pl.Callback):
         rollouts = pl_module.last_rollouts
         if not self.neurons or rollouts is None:
             return {}
-        keep = torch.arange(min(len(rollouts), self.max_rollouts))
-        rollouts = _subset(rollouts, keep)
-        ids, mask = sequences(batch["prompt_ids"], rollouts, pl_module.tokenizer.pad_token_id or 0)
+        ids, mask = sequences(batch["prompt_ids"], rollouts,
+                              pl_module.tokenizer.pad_token_id or 0, self.max_rollouts)
         model = pl_module.policy
         was_training = model.training
         model.eval()
@@ -101,12 +100,3 @@ class ValueMonitor(pl.Callback):
         pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=True,
                            on_epoch=False, logger=False, batch_size=len(batch["prompt_ids"]))
 
-
-def _subset(rollouts: Any, rows: torch.Tensor) -> Any:
-    from dataclasses import replace
-
-    return replace(rollouts, prompt_index=rollouts.prompt_index[rows],
-                   sample_index=rollouts.sample_index[rows],
-                   completion_ids=rollouts.completion_ids[rows],
-                   completion_mask=rollouts.completion_mask[rows],
-                   lengths=rollouts.lengths[rows], finished=rollouts.finished[rows])

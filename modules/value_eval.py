@@ -101,9 +101,18 @@ def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]] | AnswerCa
     """[n, options]: next-token probabilities of the option tokens after each prompt,
     renormalised over the options. Prompts are left-padded; the answer position is each
     row's last (the one a `steer` context steers). Pass an `AnswerCache` to reuse prefixes."""
-    cache = prompts if isinstance(prompts, AnswerCache) else \
-        AnswerCache(model, prompts, pad_token_id, batch_size)
-    return torch.softmax(cache.last_logits(model)[:, option_ids], dim=-1)
+    if isinstance(prompts, AnswerCache):
+        logits = prompts.last_logits(model)
+    else:  # one condition only: a plain forward per batch, no cache to build and copy
+        device, out = next(model.parameters()).device, []
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                ids, attention, positions = _left_padded(prompts[start: start + batch_size],
+                                                         pad_token_id, device)
+                out.append(model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                 use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+        logits = torch.cat(out)
+    return torch.softmax(logits[:, option_ids], dim=-1)
 
 
 def expected_scores(probs: torch.Tensor) -> torch.Tensor:

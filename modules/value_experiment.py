@@ -39,10 +39,12 @@ class Condition:
         return steer(model, self.target, self.gamma, self.opposite, fraction, seed)
 
 
-def sequences(prompts: list[list[int]], rollouts: Any, pad: int) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt + completion ids [N, S] and the mask of completion tokens [N, S]."""
+def sequences(prompts: list[list[int]], rollouts: Any, pad: int,
+              limit: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Right-padded prompt + completion ids [N, S] and the mask of completion tokens [N, S]
+    (of the first `limit` rollouts, or all)."""
     rows = []
-    for r in range(len(rollouts)):
+    for r in range(len(rollouts) if limit is None else min(limit, len(rollouts))):
         prompt = prompts[int(rollouts.prompt_index[r])]
         completion = rollouts.completion_ids[r, : int(rollouts.lengths[r])].tolist()
         rows.append((prompt, completion))

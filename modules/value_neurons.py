@@ -158,7 +158,9 @@ def select_lape(probs: torch.Tensor, pole: int, top_k: int, opposite: int | None
     p = probs[pole].flatten()
     others = probs[opposite].flatten() if opposite is not None else \
         (probs.sum(0) - probs[pole]).flatten() / max(1, probs.shape[0] - 1)
-    threshold = torch.quantile(probs.flatten().float()[:2_000_000], min_prob_quantile)
+    flat = probs.flatten().float()
+    stride = max(1, flat.numel() // 2_000_000)  # torch.quantile's input limit: an even subsample
+    threshold = torch.quantile(flat[::stride], min_prob_quantile)
     ok = (probs.argmax(0).flatten() == pole) & (p >= threshold) & (p > others)
     candidates = ok.nonzero().flatten()
     keep = candidates[torch.argsort(entropy[candidates])[:top_k]]
@@ -240,24 +242,24 @@ class Steering:
         if torch.is_grad_enabled() and a.requires_grad:
             a = a.clone()  # keep autograd's saved tensors intact
         if self.positions is not None and self.positions.shape == a.shape[:2]:
-            sites = a[self.positions.to(a.device)]  # [n, d_ff] (a copy)
-            a[self.positions.to(a.device)] = self._apply(sites, add, clamp)
+            mask = self.positions.to(a.device)
+            sites = a[mask]  # [n, d_ff]: advanced indexing copies, so write it back
+            self._apply(sites, add, clamp)
+            a[mask] = sites
         elif a.shape[1] == 1:  # one new token per row: every position predicts a response token
-            a[:, 0] = self._apply(a[:, 0], add, clamp)
+            self._apply(a[:, 0], add, clamp)  # in place, through the view
         else:  # a forward over several tokens: its last position predicts the response
-            a[:, -1] = self._apply(a[:, -1], add, clamp)
+            self._apply(a[:, -1], add, clamp)
         return a
 
     @staticmethod
-    def _apply(sites: torch.Tensor, add: Any, clamp: Any) -> torch.Tensor:
-        """sites [n, d_ff] -> steered copy."""
-        sites = sites.clone()
+    def _apply(sites: torch.Tensor, add: Any, clamp: Any) -> None:
+        """Steer sites [n, d_ff] in place (a view into the activations, or a copy)."""
         if add is not None:
             index, amount = add
             sites[:, index] += amount.to(sites.dtype)
         if clamp is not None:
             sites[:, clamp] = sites[:, clamp].clamp(max=0)
-        return sites
 
 
 @contextmanager
