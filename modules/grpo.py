@@ -19,8 +19,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, clipped_surrogate,
-                               entropy_from_logits, group_advantages, k3_kl, token_log_probs)
+from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, batch_reward_std,
+                               clipped_surrogate, entropy_from_logits, group_advantages, k3_kl,
+                               token_log_probs)
 from modules.policy import Policy
 from modules.rewards import combine_rewards
 from samplers.base import GenerationSpec, Rollouts, Sampler, check_positive
@@ -171,8 +172,14 @@ class GRPOModule(pl.LightningModule):
             rollouts = self.generate(batch["prompt_ids"], hp.group_size, self.spec())
         self.last_rollouts = rollouts
         rewards, per_fn = self.score(batch, rollouts)
+        batch_std = None
+        if hp.advantage_scale == "batch":  # the std of the whole batch, over every rank
+            sums = self.all_ranks_sum(torch.stack([torch.tensor(float(len(rewards))),
+                                                   rewards.double().sum(),
+                                                   rewards.double().square().sum()]))
+            batch_std = batch_reward_std(*sums).to(rewards.dtype)
         advantages = group_advantages(rewards, rollouts.prompt_index, hp.advantage_scale,
-                                      hp.advantage_eps)
+                                      hp.advantage_eps, batch_std=batch_std)
         with self.phase("update"):
             update = self.update(batch["prompt_ids"], rollouts, advantages)
         self.log_step(rollouts, rewards, per_fn, update)
@@ -185,7 +192,13 @@ class GRPOModule(pl.LightningModule):
         if hp.mask_truncated_completions:
             mask &= rollouts.finished[:, None]
         chunks = torch.arange(len(rollouts)).split(hp.update_micro_batch)
-        totals = dict(num_sequences=len(rollouts), num_tokens=int(mask.sum()),
+        # Normalisers of the whole batch over every rank. DDP averages the ranks' gradients,
+        # so each rank's loss is scaled by the world size: the averaged gradient then equals
+        # the gradient of one process on the whole batch.
+        sequences, tokens = self.all_ranks_sum(
+            torch.tensor([len(rollouts), int(mask.sum())], dtype=torch.float64)).long().tolist()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        totals = dict(num_sequences=sequences, num_tokens=tokens,
                       max_new_tokens=hp.max_new_tokens)
         frozen = lambda model: [  # noqa: E731
             self.log_probs(model, prompts, rollouts, rows, with_entropy=False)[0]
@@ -208,7 +221,7 @@ class GRPOModule(pl.LightningModule):
                     per_token = per_token + hp.beta * kl
                     sums["kl"] += float((kl.detach() * rows_mask).sum())
                 loss = aggregate_loss(per_token, rows_mask, hp.loss_type, **totals)
-                self.manual_backward(loss)
+                self.manual_backward(loss * world if world > 1 else loss)
                 sums["loss"] += float(loss.detach())
                 sums["entropy"] += float((entropy * rows_mask).sum())
                 sums["clipped"] += float((clipped & rows_mask).sum())
@@ -216,8 +229,20 @@ class GRPOModule(pl.LightningModule):
                                 gradient_clip_algorithm="norm")
             optimizer.step()
             schedule.step()
-        tokens = max(1, totals["num_tokens"]) * hp.num_iterations
-        return {k: v / (hp.num_iterations if k == "loss" else tokens) for k, v in sums.items()}
+        # Whole-batch values (each rank holds its share): summed over ranks, then normalised.
+        names = list(sums)
+        totals_all = self.all_ranks_sum(torch.tensor([sums[k] for k in names],
+                                                     dtype=torch.float64)).tolist()
+        per_token = max(1, tokens) * hp.num_iterations
+        return {k: v / (hp.num_iterations if k == "loss" else per_token)
+                for k, v in zip(names, totals_all)}
+
+    def all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the data-parallel ranks (itself with one process), on the CPU."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        reduced = self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum")
+        return reduced.cpu()
 
     def reference(self) -> torch.nn.Module | Any:
         if self._ref:

@@ -51,7 +51,11 @@ def _group_stats(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor, 
 
 
 def group_advantages(
-    rewards: Tensor, group_index: Tensor, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor,
+    group_index: Tensor,
+    scale: str = "group",
+    eps: float = 1e-4,
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """GRPO advantages: reward minus its group's mean, optionally divided by a std.
 
@@ -62,6 +66,8 @@ def group_advantages(
         scale: "group" divides by the (unbiased) std of its group + eps (GRPO, TRL default);
             "batch" divides by the std over all N rewards + eps; "none" does not divide (Dr. GRPO).
         eps: added to the std before dividing.
+        batch_std: with scale="batch", the std to divide by; pass the std of the whole batch
+            over every data-parallel rank (see `batch_reward_std`). Default: std of `rewards`.
 
     Returns:
         float [N]. A group of one sample, or one whose rewards are all equal, gets exactly 0.
@@ -88,10 +94,21 @@ def group_advantages(
     if scale == "group":
         advantages = advantages / (std + eps)
     elif scale == "batch":
-        batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        if batch_std is None:
+            batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
         advantages = advantages / (batch_std + eps)
     degenerate = (count < 2) | constant  # [N]
     return advantages.masked_fill(degenerate, 0.0)
+
+
+def batch_reward_std(count: Tensor, total: Tensor, total_sq: Tensor) -> Tensor:
+    """Unbiased std of a batch from its sums (count, sum, sum of squares), as all-reduced over
+    data-parallel ranks; 0 for fewer than two rewards. Computed in float64."""
+    count, total, total_sq = (x.double() for x in (count, total, total_sq))
+    if count < 2:
+        return total.new_zeros(())
+    variance = (total_sq - total * total / count) / (count - 1)
+    return variance.clamp(min=0).sqrt()
 
 
 # --------------------------------------------------------------------------------------------

@@ -99,3 +99,48 @@ class GradRecorder:
                                    if p.grad is not None})
 
         return _Recorder()
+
+
+class GradDump:
+    """Lightning callback that saves the policy gradients of the first optimizer step to
+    `<dirpath>/grads_rank<r>.pt` (for runs in another process, such as DDP ranks)."""
+
+    def __new__(cls, dirpath: str):
+        import lightning.pytorch as pl
+
+        class _Dump(pl.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+                if trainer.global_step == 0:
+                    grads = {n: p.grad.detach().cpu().clone()
+                             for n, p in pl_module.policy.named_parameters()
+                             if p.grad is not None}
+                    torch.save(grads, f"{dirpath}/grads_rank{trainer.global_rank}.pt")
+
+        return _Dump()
+
+
+class PromptSeededSampler:
+    """Samples each prompt's group with a seed taken from the prompt's tokens, so that the
+    rollouts of a prompt do not depend on the rank, batch or position it was sampled in (the
+    DDP test compares two ranks with one process on the same prompts)."""
+
+    def __init__(self, **_: Any) -> None:
+        from samplers.full import FullSampler
+
+        self.inner = FullSampler()
+
+    def sample(self, model, prompts, group_size, spec):
+        import dataclasses
+        import zlib
+
+        from samplers.base import pack_rollouts
+
+        completions, finished = [], []
+        for prompt in prompts:
+            seed = zlib.crc32(bytes(str(prompt), "ascii"))
+            part = self.inner.sample(model, [prompt], group_size,
+                                     dataclasses.replace(spec, seed=seed))
+            for ids, n, done in zip(part.completion_ids, part.lengths, part.finished):
+                completions.append(ids[:n].tolist())
+                finished.append(bool(done))
+        return pack_rollouts(completions, finished, len(prompts), group_size, part.stats)

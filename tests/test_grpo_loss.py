@@ -14,6 +14,7 @@ from modules.grpo_loss import (
     ADVANTAGE_SCALES,
     LOSS_MODES,
     aggregate_loss,
+    batch_reward_std,
     clipped_surrogate,
     entropy_from_logits,
     group_advantages,
@@ -245,3 +246,19 @@ def test_micro_batches_sum_to_full_batch_value_and_gradient(mode: str, seed: int
         total = total + part.detach()
     torch.testing.assert_close(total, full.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(theta.grad, full_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_reward_std_from_rank_sums_equals_the_std_of_the_whole_batch():
+    """Two ranks' (count, sum, sum of squares), added, give torch.std of all rewards; the batch
+    advantages of one rank's half, divided by it, are those of the whole batch."""
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 0.75])
+    groups = torch.arange(4).repeat_interleave(2)
+    halves = rewards[:4], rewards[4:]
+    sums = sum(torch.stack([torch.tensor(4.0), h.double().sum(), h.double().square().sum()])
+               for h in halves)
+    std = batch_reward_std(*sums)
+    torch.testing.assert_close(std.float(), rewards.std())
+    whole = group_advantages(rewards, groups, "batch")
+    half = group_advantages(halves[1], groups[4:], "batch", batch_std=std.float())
+    torch.testing.assert_close(half, whole[4:])
+    assert batch_reward_std(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0)) == 0
