@@ -83,12 +83,11 @@ class Bench:
                 skip_special_tokens=True)
             owners = rollouts.prompt_index.tolist()
             row["reward"] = sum(gsm8k_reward(texts, [self.answers[p] for p in owners])) / len(texts)
-        if "probe_steps" in stats.extras:  # infinite: the lower bound of its decode phase
-            row.update(probe_steps=stats.extras["probe_steps"],
-                       lb=stats.extras["steps_lower_bound"],
-                       total_steps=stats.extras["probe_steps"] + stats.decoding_steps)
-        if "slot_trace" in stats.extras:
-            self.traces[f"{name} m={m}"] = (stats.extras["slot_trace"], stats.decoding_steps)
+        if stats.steps_lower_bound is not None:  # infinite: the bound of its decode phase
+            row.update(probe_steps=stats.probe_steps, lb=stats.steps_lower_bound,
+                       total_steps=stats.probe_steps + stats.decoding_steps)
+        if stats.slot_trace:
+            self.traces[f"{name} m={m}"] = (stats.slot_trace, stats.decoding_steps)
         log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         return row
 

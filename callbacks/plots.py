@@ -1,4 +1,4 @@
-"""Rollout pictures: a slot Gantt chart (slots x decoding steps) from `SamplingStats.extras`.
+"""Rollout pictures: a slot Gantt chart (slots x decoding steps) from `SamplingStats.slot_trace`.
 
 Used by the `SlotGantt` callback (TensorBoard image) and by bench.py (PNG files).
 """
@@ -39,7 +39,7 @@ class SlotGantt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         rollouts = getattr(pl_module, "last_rollouts", None)
-        trace = rollouts.stats.extras.get("slot_trace") if rollouts is not None else None
+        trace = rollouts.stats.slot_trace if rollouts is not None else None
         if not trace or trainer.global_step % self.every_n_steps:
             return
         for logger in trainer.loggers:

@@ -1,7 +1,7 @@
 """Length-predictor quality: how well a sampler's predictor guesses the remaining tokens.
 
 A sampler with a length predictor (e.g. `infinite`) leaves, after each `sample()` call,
-`rollouts.stats.extras["predictor"] = {"name", "probe_tokens", "predicted", "true"}`, where
+`rollouts.stats.predictor`, a `PredictorRecord(name, probe_tokens, predicted, true)`, where
 `predicted` (float [n]) and `true` (long [n]) are the remaining tokens after the probe of the n
 samples still running after it. `PredictorMetricsLogger` logs `predictor/*` from it after each
 training batch and a predicted-vs-true scatter to TensorBoard; samplers without a predictor,
@@ -96,10 +96,10 @@ class PredictorMetricsLogger(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         rollouts = getattr(pl_module, "last_rollouts", None)
-        record = rollouts.stats.extras.get("predictor") if rollouts is not None else None
-        if record is None or record["true"].numel() == 0:
+        record = rollouts.stats.predictor if rollouts is not None else None
+        if record is None or record.true.numel() == 0:
             return
-        predicted, true = record["predicted"], record["true"]  # float [n], long [n]
+        predicted, true = record.predicted, record.true  # float [n], long [n]
         self.last = predictor_metrics(predicted, true, self.within)
         # nan (tau with n < 2 or constant inputs) is left out rather than breaking the TB curve
         finite = {k: torch.tensor(v) for k, v in self.last.items() if math.isfinite(v)}
@@ -111,7 +111,7 @@ class PredictorMetricsLogger(pl.Callback):
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not tensorboards:
             return
-        title = f"step {step}: {record['name']} predictor, probe {record['probe_tokens']} tokens"
+        title = f"step {step}: {record.name} predictor, probe {record.probe_tokens} tokens"
         fig = scatter_figure(predicted, true, title)
         for logger in tensorboards:
             logger.experiment.add_figure("predictor/scatter", fig, global_step=step, close=False)

@@ -25,25 +25,25 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     """The per-step sampling metrics of one `Rollouts`."""
     stats = rollouts.stats
     lengths = rollouts.lengths.float()
-    slots = int(stats.extras.get("slots", stats.max_concurrency))
+    slots = stats.slots or stats.max_concurrency
     # the infinite sampler states the bound of its decode phase (probe steps counted apart)
-    bound = stats.extras.get("steps_lower_bound")
+    bound = stats.steps_lower_bound
     if bound is None:
         bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
     extra = {}
-    steps = stats.decoding_steps + int(stats.extras.get("probe_steps", 0))
-    trace = stats.extras.get("slot_trace")
-    busy = (sum(end - start + 1 for _, _, start, end in trace) if trace is not None
+    steps = stats.decoding_steps + stats.probe_steps
+    busy = (sum(end - start + 1 for _, _, start, end in stats.slot_trace) if stats.slot_trace
             else stats.generated_tokens)
-    if "probe_steps" in stats.extras:
-        extra["sampling/probe_steps"] = float(stats.extras["probe_steps"])
-    if "predicted_peak_bytes" in stats.extras:  # engine samplers: the `auto` planner's model
-        extra["memory/predicted_peak_gb"] = stats.extras["predicted_peak_bytes"] / GB
-        extra["memory/predicted_sampling_gb"] = stats.extras["predicted_sampling_bytes"] / GB
+    if stats.predictor is not None:  # infinite
+        extra["sampling/probe_steps"] = float(stats.probe_steps)
+    if stats.predicted_peak_bytes is not None:  # engine samplers: the `auto` planner's model
+        extra["memory/predicted_peak_gb"] = stats.predicted_peak_bytes / GB
+        extra["memory/predicted_sampling_gb"] = stats.predicted_sampling_bytes / GB
     return {
         **extra,
         "sampling/steps_lower_bound": float(bound),
-        "sampling/steps_over_lb": stats.decoding_steps / max(1, bound),
+        # no decode work left (every sample ended inside the probe): 0 steps = the bound 0
+        "sampling/steps_over_lb": stats.decoding_steps / bound if bound else 1.0,
         "sampling/slot_utilization": busy / max(1, steps * slots),
         "sampling/decoding_steps": float(stats.decoding_steps),
         "sampling/prefill_tokens": float(stats.prefill_tokens),

@@ -30,6 +30,19 @@ class GenerationSpec:
 
 
 @dataclass
+class PredictorRecord:
+    """What the `infinite` sampler's length predictor said and what came true, per parked
+    sample (the ones that outlived the probe); read by `callbacks/predictor.py`."""
+    name: str
+    probe_tokens: int
+    predicted: torch.Tensor  # float [n]: predicted remaining tokens after the probe
+    true: torch.Tensor  # long [n]: true remaining tokens (L - probe_tokens)
+
+
+SlotSpan = tuple[int, tuple[int, int], int, int]  # (slot, (prompt, sample), first step, last)
+
+
+@dataclass
 class SamplingStats:
     decoding_steps: int  # token-emitting batched decode iterations (prefill/probe not counted)
     prefill_passes: int  # forward passes that consumed prompt tokens
@@ -38,7 +51,17 @@ class SamplingStats:
     peak_kv_bytes: int  # max bytes of KV tensors alive at once, from the sampler's own tensors
     max_concurrency: int  # max rows decoded in one step
     wall_time_s: float
-    extras: dict[str, Any] = field(default_factory=dict)  # slot_trace, predicted_lengths, ...
+    # Set by the samplers that have them (None / empty / 0 otherwise):
+    slots: int | None = None  # m rows the engine decodes on (engine samplers)
+    slot_trace: list[SlotSpan] = field(default_factory=list)  # the steps each sample held a slot
+    predicted_peak_bytes: int | None = None  # the memory planner's peak: weights + KV + logits
+    predicted_sampling_bytes: int | None = None  # the same above the weights
+    probe_steps: int = 0  # infinite: steps of the probe phase, counted apart from decoding_steps
+    steps_lower_bound: int | None = None  # infinite: LB of its decode phase (after the probe)
+    predictor: PredictorRecord | None = None  # infinite: predicted vs true remaining lengths
+    plan: str | None = None  # infinite: the admission order taken (e.g. "fptas+lpt", "lpt")
+    biased_to_short: bool = False  # continuous dynamic: the kept samples finished first
+    launched: int | None = None  # continuous dynamic: samples started (>= those returned)
 
 
 @dataclass

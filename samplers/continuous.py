@@ -8,7 +8,7 @@ slots freed by one prompt's group go to the next prompt's pending samples.
 `mode: dynamic` (Dynamic-Slot) keeps launching fresh samples of a prompt and keeps the first G
 to finish, cancelling the rest. It takes fewer steps but is BIASED toward short completions
 (the paper: average length 21 vs 186 tokens); it exists to measure that bias, never as a
-default. Its Rollouts say so: `stats.extras["biased_to_short"] = True`, with the number of
+default. Its Rollouts say so: `stats.biased_to_short = True`, with the number of
 launched and cancelled samples, and `sample_index` is the finish rank within the group.
 
     python train.py sampler=continuous sampler.micro_group_size=8
@@ -42,14 +42,11 @@ class ContinuousSampler:
                  else SampleQueue(fifo_order(len(prompts), group_size), rounds=False))
         result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
                            self.memory_budget_gb)
-        result.extras["mode"] = self.mode
-        order = None
-        if dynamic:
-            order = finish_ranks(result.finish_order, group_size)
-            result.extras.update(biased_to_short=True, launched=sum(queue.launched),
-                                 cancelled=len(result.cancelled),
-                                 stream_index={s: s[1] for s in order})
-        return to_rollouts(result, len(prompts), group_size, spec, order)
+        if not dynamic:
+            return to_rollouts(result, len(prompts), group_size, spec)
+        order = finish_ranks(result.finish_order, group_size)
+        return to_rollouts(result, len(prompts), group_size, spec, order, biased_to_short=True,
+                           launched=sum(queue.launched))
 
 
 def finish_ranks(finish_order: list[tuple[int, int]], group_size: int) -> dict:

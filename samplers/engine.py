@@ -60,7 +60,9 @@ class EngineResult:
     max_concurrency: int
     slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
     wall_time_s: float
-    extras: dict[str, Any] = field(default_factory=dict)
+    slots: int | None = None
+    predicted_peak_bytes: int | None = None  # set by the samplers that plan memory
+    predicted_sampling_bytes: int | None = None
     suspended: dict[SampleId, Suspended] = field(default_factory=dict)
 
 
@@ -193,7 +195,7 @@ class _Run:
         self.cache: SlotCache | None = None
         self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
         self.hidden: torch.Tensor | None = None  # [m, H] with capture_hidden
-        self.result = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0)
+        self.result = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0, slots=engine.slots)
         if self.store:
             self.allocate(next(iter(self.store.values())))
 
@@ -365,10 +367,12 @@ class _Run:
 
 
 def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
-                spec: GenerationSpec, order: dict[SampleId, int] | None = None) -> Rollouts:
+                spec: GenerationSpec, order: dict[SampleId, int] | None = None,
+                **fields: Any) -> Rollouts:
     """Pack an engine run into Rollouts ordered by (prompt, sample).
 
-    `order` maps each kept sample to its row index within its group (default: its own j).
+    `order` maps each kept sample to its row index within its group (default: its own j);
+    `fields` are further `SamplingStats` fields the sampler states (probe_steps, plan, ...).
     """
     keep = order or {(i, j): j for i in range(num_prompts) for j in range(group_size)}
     rows = sorted(keep, key=lambda s: (s[0], keep[s]))
@@ -380,7 +384,11 @@ def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
         peak_kv_bytes=result.peak_kv_bytes,
         max_concurrency=result.max_concurrency,
         wall_time_s=result.wall_time_s,
-        extras={"slot_trace": result.slot_trace, **result.extras},
+        slots=result.slots,
+        slot_trace=result.slot_trace,
+        predicted_peak_bytes=result.predicted_peak_bytes,
+        predicted_sampling_bytes=result.predicted_sampling_bytes,
+        **fields,
     )
     pad = spec.eos_token_ids[0] if spec.eos_token_ids else 0
     return pack_rollouts([result.completions[s] for s in rows],
@@ -443,12 +451,12 @@ def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: Gener
               queue: Queue, micro_group_size: int | str,
               memory_budget_gb: float | None) -> EngineResult:
     """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
-    m and the predicted peak in the result's extras: in total (what the budget bounds) and
-    above the weights (comparable with the measured `memory/peak_sampling_gb`)."""
+    the predicted peak in the result: in total (what the budget bounds) and above the weights
+    (comparable with the measured `memory/peak_sampling_gb`)."""
     m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec)
     result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
     predicted = predict_peak_bytes(model, prompts, spec, m)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    result.extras.update(slots=m, predicted_peak_bytes=predicted,
-                         predicted_sampling_bytes=predicted - weights)
+    result.predicted_peak_bytes = predicted
+    result.predicted_sampling_bytes = predicted - weights
     return result

@@ -7,7 +7,7 @@ One `sample()` call (B prompts x G samples, m slots):
    that ends inside the probe is done; the others are parked outside the slots with their k
    tokens of KV and their next token already drawn (`samplers.engine.Suspended`), so nothing
    is recomputed later. k = 0 skips the probe (the first token is drawn from the prompt's
-   logits). Probe steps are counted apart, in `extras["probe_steps"]`.
+   logits). Probe steps are counted apart, in `stats.probe_steps`.
 3. Predict each parked sample's remaining length with the predictor (config group
    `predictor=oracle|history|minilm|hidden`, `samplers/length_predictors.py`).
 4. Plan an admission order (`samplers/scheduling.py`): `grouping: fptas` balances predicted
@@ -20,7 +20,7 @@ One `sample()` call (B prompts x G samples, m slots):
 
 Every sample draws its tokens from its own stream, so the completions equal `full`'s for the
 same seed (schedule invariance); scheduling changes only decoding steps and wall time.
-`extras["steps_lower_bound"]` is max(max r, ceil(sum r / m)) over the remaining lengths r of
+`stats.steps_lower_bound` is max(max r, ceil(sum r / m)) over the remaining lengths r of
 the decode phase (probe steps counted apart, DESIGN.md section 6).
 
     python train.py sampler=infinite predictor=hidden sampler.refill=lpt sampler.probe_tokens=8
@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from samplers.base import GenerationSpec, Rollouts, sample_tokens, uniforms, validate_request
+from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, sample_tokens, uniforms,
+                           validate_request)
 from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended,
                              check_slots, kv_bytes_per_token, predict_peak_bytes, prefill,
                              resolve_slots, to_rollouts)
 from samplers.length_predictors import HistoryPredictor, LengthPredictor, ProbeBatch
-from samplers.scheduling import (REFILLS, SampleQueue, fifo_order, fptas_plan,
-                                 list_schedule_makespan, planned_order, refill_order,
-                                 steps_lower_bound)
+from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
+                                 planned_order, refill_order, steps_lower_bound)
 
 GROUPINGS = ("fptas", "none")
 
@@ -89,30 +89,22 @@ class InfiniteSampler:
             # that extrapolates (exp of a log-length) must not wreck the plan
             predicted = self.predictor.predict(batch).float().reshape(-1).clamp(
                 0, max(0, spec.max_new_tokens - self.probe_tokens))  # [n]
-            ranks = self.order(predicted.tolist(), m)
+            plan, ranks = self.order(predicted.tolist(), m)
             order = [samples[x] for x in ranks]
             main = DecodeEngine(model, prompts, spec, m, store=store,
                                 resume=parked).run(SampleQueue(order))
         wall = time.perf_counter() - start - (oracle_s if self.predictor.needs_oracle else 0.0)
         result = merge(done, main, store, prompts, wall)
         true = remaining_lengths(main, samples, self.probe_tokens)
-        fit_start = time.perf_counter()
         if self.learning:
             self.predictor.observe(batch, true)
-        peak = self.peak_bytes(model, prompts, group_size, spec, m)
+        result.predicted_peak_bytes = self.peak_bytes(model, prompts, group_size, spec, m)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        result.extras.update(
-            slots=m, probe_tokens=self.probe_tokens, probe_steps=done.decoding_steps,
-            refill=self.refill, grouping=self.grouping,
-            steps_lower_bound=steps_lower_bound(true.tolist(), m),
-            planned_steps=list_schedule_makespan([round(float(predicted[x])) for x in ranks], m),
-            predictor={"name": self.predictor.name, "probe_tokens": self.probe_tokens,
-                       "predicted": predicted.cpu(), "true": true},
-            predictor_fit_s=time.perf_counter() - fit_start,
-            predicted_peak_bytes=peak, predicted_sampling_bytes=peak - weights)
-        if self.predictor.needs_oracle:
-            result.extras["oracle_prepass_s"] = oracle_s
-        return to_rollouts(result, len(prompts), group_size, spec)
+        result.predicted_sampling_bytes = result.predicted_peak_bytes - weights
+        record = PredictorRecord(self.predictor.name, self.probe_tokens, predicted.cpu(), true)
+        return to_rollouts(result, len(prompts), group_size, spec, probe_steps=done.decoding_steps,
+                           steps_lower_bound=steps_lower_bound(true.tolist(), m),
+                           predictor=record, plan=plan)
 
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
                    spec: GenerationSpec, slots: int) -> int:
@@ -167,12 +159,22 @@ class InfiniteSampler:
             sample_index=torch.tensor([j for _, j in samples], dtype=torch.long),
             probe_ids=[parked[s].tokens[:-1] for s in samples], hidden=hidden)
 
-    def order(self, predicted: list[float], slots: int) -> list[int]:
-        """Admission order (indices into the parked samples) from predicted lengths."""
-        if self.grouping == "fptas":
-            plan = fptas_plan(predicted, slots, self.epsilon)
-            return planned_order(plan, predicted, self.refill)
-        return refill_order(predicted, self.refill)
+    def order(self, predicted: list[float], slots: int) -> tuple[str, list[int]]:
+        """(name, admission order) from predicted lengths; the order indexes the parked samples.
+
+        `grouping: none` is the refill order alone. `grouping: fptas` takes, of the FPTAS plan
+        (each slot in refill order), the plain refill order and plain LPT, the one with the
+        shortest predicted makespan (ties in that order), so it is never predicted worse than
+        LPT, the classic makespan rule, even where balancing the sums fails.
+        """
+        if self.grouping == "none":
+            return self.refill, refill_order(predicted, self.refill)
+        plan = fptas_plan(predicted, slots, self.epsilon)
+        candidates = {f"fptas+{self.refill}": planned_order(plan, predicted, self.refill),
+                      self.refill: refill_order(predicted, self.refill),
+                      "lpt": refill_order(predicted, "lpt")}
+        name, order, _ = best_order(candidates, predicted, slots)
+        return name, order
 
 
 def first_tokens(store: dict[int, PromptKV], samples: list[SampleId],
@@ -222,6 +224,7 @@ def merge(done: EngineResult, main: EngineResult, store: dict[int, PromptKV],
         peak_kv_bytes=max(done.peak_kv_bytes, main.peak_kv_bytes,
                           sum(kv.nbytes for kv in store.values())),
         max_concurrency=max(done.max_concurrency, main.max_concurrency), slot_trace=trace,
+        slots=main.slots,
         wall_time_s=wall)
     store.clear()
     return result

@@ -17,6 +17,9 @@ Length-aware admission orders, built from PREDICTED remaining lengths (floats >=
 - `fptas_plan` + `planned_order`: balance predicted work over the m slots with successive
   `fptas_subset_sum`, order each slot by refill, then admit by planned start time. With exact
   predictions list scheduling of that order never takes longer than the plan's max slot load.
+- `best_order`: of several candidate orders, the one whose list schedule of the predicted
+  lengths ends first (ties: the first candidate). The `infinite` sampler weighs its FPTAS plan
+  against plain refill orders this way, so its plan is never predicted worse than plain LPT.
 `simulate_steps` gives the exact decoding steps of an order for known lengths.
 """
 from __future__ import annotations
@@ -178,6 +181,24 @@ def planned_order(plan: list[list[int]], predicted: Sequence[float], refill: str
             starts.append((start, s, pos, k))
             start += predicted[k]
     return [k for *_, k in sorted(starts)]
+
+
+def best_order(candidates: dict[str, list[int]], predicted: Sequence[float],
+               slots: int) -> tuple[str, list[int], float]:
+    """(name, order, predicted makespan) of the candidate order that list-schedules the
+    predicted lengths on `slots` rows in the fewest steps; the first one wins ties.
+
+    With exact predictions the predicted makespan is the real one (`simulate_steps`), so the
+    choice is never worse than any candidate, e.g. plain LPT.
+    """
+    if not candidates:
+        raise ValueError("best_order needs at least one candidate order")
+    best = None
+    for name, order in candidates.items():
+        span = list_schedule_makespan([predicted[k] for k in order], slots)
+        if best is None or span < best[2]:
+            best = (name, order, span)
+    return best
 
 
 def _check_epsilon(epsilon: float) -> None:

@@ -144,3 +144,36 @@ class PromptSeededSampler:
                 completions.append(ids[:n].tolist())
                 finished.append(bool(done))
         return pack_rollouts(completions, finished, len(prompts), group_size, part.stats)
+
+
+class ForwardCounter:
+    """Counts a model's forwards by their input width, from a forward pre-hook (independent
+    of any sampler's own counters): forwards over more than one token per row consume prompt
+    tokens; `prompt_tokens` sums the non-padding prompt tokens they were given.
+
+        with ForwardCounter(model) as seen:
+            sampler.sample(model, prompts, 4, spec)
+        assert seen.prefills == len(prompts)
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.widths, self.prompt_tokens = model, [], 0
+
+    def _record(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.widths.append(int(ids.shape[1]))
+        if ids.shape[1] > 1:
+            mask = kwargs.get("attention_mask")
+            real = ids.numel() if mask is None or mask.dim() != 2 else int(mask.sum())
+            self.prompt_tokens += real
+
+    @property
+    def prefills(self) -> int:
+        return sum(1 for w in self.widths if w > 1)
+
+    def __enter__(self) -> "ForwardCounter":
+        self.handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()

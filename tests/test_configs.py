@@ -1,12 +1,22 @@
 """Every config group composes, and every group that can be built here instantiates."""
 from __future__ import annotations
 
+import inspect
+
 import hydra
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY, compose_config
+
+
+def binds(target: str, node, *, given: tuple[str, ...] = ()) -> None:
+    """The config's keys are arguments that the target accepts (a typo'd key fails here)."""
+    keys = {k: None for k in node if not str(k).startswith("_")}
+    keys.update({k: None for k in given})
+    inspect.signature(hydra.utils.get_method(target)).bind(**keys)
 
 
 def options(group: str) -> list[str]:
@@ -26,15 +36,30 @@ def test_infinite_sampler_receives_each_predictor(name):
 
 
 @pytest.mark.parametrize("name", options("sampler"))
-def test_sampler_instantiates_without_arguments(name):
+def test_sampler_config_builds_a_sampler_that_decodes_like_generate(name):
+    """Built with no further arguments, each sampler's greedy completions are those of
+    `model.generate` (float64 tiny model, EOS cut), group by group."""
+    from tests.helpers import tiny_lm
+
     sampler = instantiate(compose_config([f"sampler={name}"]).sampler)
-    assert callable(getattr(sampler, "sample", None))
+    model, eos = tiny_lm("llama"), 3
+    prompts = [[1, 2, 4, 6, 7, 9], [9, 8], [10, 11, 12, 13]]
+    spec_args = dict(max_new_tokens=12, temperature=0.0, eos_token_ids=(eos,))
+    from samplers.base import GenerationSpec
+    r = sampler.sample(model, prompts, 2, GenerationSpec(**spec_args))
+    for row in range(len(r)):
+        prompt = prompts[int(r.prompt_index[row])]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = out[: out.index(eos) + 1] if eos in out else out
+        assert r.completion_ids[row, : r.lengths[row]].tolist() == expected, (name, row)
 
 
 @pytest.mark.parametrize("name", options("policy"))
-def test_policy_configs_compose_and_target_exists(name):
+def test_policy_config_keys_are_arguments_of_its_target(name):
     cfg = compose_config([f"policy={name}"])
-    assert callable(hydra.utils.get_method(cfg.policy._target_))
+    binds(cfg.policy._target_, cfg.policy)
 
 
 def test_tiny_policy_instantiates():
@@ -67,18 +92,28 @@ def test_callbacks_and_loggers_instantiate(group, tmp_path):
 def test_trainer_configs(name, tmp_path):
     cfg = compose_config([f"trainer={name}"], tmp_path)
     needs_gpu = cfg.trainer.accelerator == "gpu"
-    if needs_gpu and not torch.cuda.is_available():
-        assert cfg.trainer.devices >= 1  # composes; building it needs CUDA
+    if needs_gpu and not torch.cuda.is_available():  # what can be checked without CUDA
+        binds(cfg.trainer._target_, cfg.trainer, given=("callbacks", "logger"))
+        if OmegaConf.is_dict(cfg.trainer.get("strategy")):
+            instantiate(cfg.trainer.strategy)  # its arguments are the strategy's
         return
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert trainer.max_steps == cfg.trainer.max_steps
+    assert trainer.world_size == cfg.trainer.devices
 
 
 @pytest.mark.parametrize("group", ["experiment", "debug", "hparams_search"])
-def test_global_groups_compose(group):
+def test_global_groups_set_only_keys_that_their_targets_accept(group):
+    """Every experiment/debug/search config composes into a model, sampler, data and trainer
+    whose keys are arguments of their targets; a sweep sweeps keys that exist."""
     for name in options(group):
         cfg = compose_config([f"{group}={name}"])
-        assert cfg.model.group_size >= 1 and cfg.trainer is not None
+        binds(cfg.model._target_, cfg.model, given=("policy", "sampler"))
+        binds(cfg.sampler._target_, cfg.sampler)
+        binds(cfg.data._target_, cfg.data, given=("tokenizer", "max_prompt_tokens"))
+        binds(cfg.trainer._target_, cfg.trainer, given=("callbacks", "logger"))
+        for key in OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}:
+            assert OmegaConf.select(cfg, key, default=None) is not None, (name, key)
 
 
 def test_model_builds_from_config():

@@ -11,7 +11,7 @@ from samplers.full import FullSampler
 from samplers.micro import MicroSampler
 from samplers.scheduling import (DynamicQueue, SampleQueue, list_schedule_makespan,
                                  rounds_steps, steps_lower_bound)
-from tests.helpers import tiny_lm
+from tests.helpers import ForwardCounter, tiny_lm
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
 SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
@@ -71,7 +71,7 @@ def test_step_counts_equal_closed_forms(model):
 
 def test_slot_trace_is_a_valid_schedule(model):
     r = ContinuousSampler(3).sample(model, PROMPTS, 5, SPEC)
-    trace = r.stats.extras["slot_trace"]
+    trace = r.stats.slot_trace
     assert len(trace) == len(r)
     lengths = {(int(i), int(j)): int(n) for i, j, n in
                zip(r.prompt_index, r.sample_index, r.lengths)}
@@ -90,9 +90,11 @@ def test_prefill_once_concurrency_and_memory(model):
     for cls in (MicroSampler, ContinuousSampler):
         for m in (2, 4):
             for g in (4, 16):
-                r = cls(m).sample(model, PROMPTS, g, SPEC)
-                assert r.stats.prefill_tokens == prompt_tokens
-                assert r.stats.prefill_passes == len(PROMPTS)
+                with ForwardCounter(model) as seen:
+                    r = cls(m).sample(model, PROMPTS, g, SPEC)
+                assert seen.prefills == len(PROMPTS) and seen.prompt_tokens == prompt_tokens
+                assert r.stats.prefill_passes == seen.prefills
+                assert r.stats.prefill_tokens == seen.prompt_tokens
                 assert r.stats.max_concurrency <= m
                 peaks[cls, m, g] = r.stats.peak_kv_bytes
         assert peaks[cls, 2, 4] == peaks[cls, 2, 16]  # flat in G
@@ -108,8 +110,8 @@ def test_dynamic_mode_is_biased_to_short_completions(model):
     assert len(dynamic) == len(fixed) == 24
     assert dynamic.lengths.float().mean() < fixed.lengths.float().mean()
     assert dynamic.stats.decoding_steps < fixed.stats.decoding_steps
-    extras = dynamic.stats.extras
-    assert extras["biased_to_short"] and extras["launched"] >= 24
+    assert dynamic.stats.biased_to_short and dynamic.stats.launched >= 24
+    assert not fixed.stats.biased_to_short and fixed.stats.launched is None
     assert dynamic.sample_index.tolist() == list(range(6)) * 4
 
 
@@ -150,6 +152,6 @@ def test_auto_slots_fit_the_budget(model):
     budget_gb = (one + 5.5 * per_slot) / (1 << 30)
     assert resolve_slots("auto", budget_gb, model, PROMPTS, 16, SPEC) == 6
     r = MicroSampler("auto", memory_budget_gb=budget_gb).sample(model, PROMPTS, 16, SPEC)
-    assert r.stats.max_concurrency == 6 and r.stats.extras["slots"] == 6
+    assert r.stats.max_concurrency == 6 and r.stats.slots == 6
     with pytest.raises(ValueError, match="memory_budget_gb"):
         resolve_slots("auto", one / 2 / (1 << 30), model, PROMPTS, 16, SPEC)

@@ -112,3 +112,19 @@ def test_validation_does_not_train_the_length_predictor(tiny_cfg, monkeypatch):
     assert objects["trainer"].global_step == 1
     assert len(seen) == 1  # the one training step; the validation pass (2 batches) observed nothing
     assert objects["sampler"].learning is True  # restored after validation
+
+
+def test_kl_is_zero_against_the_initial_policy_then_grows(tiny_cfg, tmp_path):
+    """beta > 0: the reference is a frozen copy of the initial policy, so the logged k3 KL is
+    exactly 0 at the first step (policy = reference) and positive once the policy moved; the
+    reference's weights equal a fresh model with the same seed at the end."""
+    from tests.test_train import read_metrics
+
+    cfg = tiny_cfg(*DENSE, "model.beta=0.1", "model.lr=1e-2", "trainer.max_steps=3",
+                   "callbacks=none")
+    _, objects = train(cfg)
+    kl = [float(row["train/kl"]) for row in read_metrics(tmp_path) if row.get("train/kl")]
+    assert len(kl) == 3 and kl[0] == 0.0 and kl[1] > 0 and kl[2] > 0
+    initial = tiny(seed=cfg.seed).model.state_dict()
+    for name, value in objects["model"].reference().state_dict().items():
+        assert torch.equal(value, initial[name]), name

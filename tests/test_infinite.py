@@ -10,7 +10,7 @@ from samplers.full import FullSampler
 from samplers.infinite import InfiniteSampler
 from samplers.length_predictors import HiddenPredictor, HistoryPredictor, OraclePredictor
 from samplers.scheduling import REFILLS, steps_lower_bound
-from tests.helpers import ScriptedLM, tiny_lm
+from tests.helpers import ForwardCounter, ScriptedLM, tiny_lm
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
 SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
@@ -47,10 +47,11 @@ def test_schedule_invariance_against_full(model, reference, k, predictor, varian
     for refill, grouping in variants:
         sampler = InfiniteSampler(3, probe_tokens=k, refill=refill, grouping=grouping,
                                   predictor=pred)
-        r = sampler.sample(model, PROMPTS, 7, SPEC)
+        with ForwardCounter(model) as seen:
+            r = sampler.sample(model, PROMPTS, 7, SPEC)
         assert completions(r) == completions(reference), (refill, grouping)
         assert torch.equal(r.finished, reference.finished)
-        assert r.stats.prefill_passes == len(PROMPTS)
+        assert seen.prefills == r.stats.prefill_passes == len(PROMPTS)
         assert r.stats.max_concurrency <= 3
 
 
@@ -68,9 +69,9 @@ def test_oracle_reaches_the_lower_bound(lengths, m):
     r = sampler.sample(model, prompts, 1, SCRIPTED)
     assert r.lengths.tolist() == lengths and bool(r.finished.all())
     parked = [n for n in lengths if n > 1]  # L = 1 ends with the token drawn at prefill
-    assert r.stats.extras["steps_lower_bound"] == steps_lower_bound(parked, m)
+    assert r.stats.steps_lower_bound == steps_lower_bound(parked, m)
     assert r.stats.decoding_steps == steps_lower_bound(parked, m)
-    assert r.stats.extras["probe_steps"] == 0
+    assert r.stats.probe_steps == 0
 
 
 def test_probe_steps_and_remaining_work():
@@ -80,17 +81,17 @@ def test_probe_steps_and_remaining_work():
     model = ScriptedLM()
     r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
         model, [[n, 4] for n in lengths], 1, SCRIPTED)
-    extras = r.stats.extras
+    stats = r.stats
     assert r.lengths.tolist() == lengths
-    assert extras["probe_steps"] == 2 * (k + 1)  # two waves of three
+    assert stats.probe_steps == 2 * (k + 1)  # two waves of three
     parked = [n - k for n in lengths if n > k + 1]
-    assert extras["predictor"]["true"].tolist() == parked
-    assert torch.equal(extras["predictor"]["predicted"], torch.tensor(parked, dtype=torch.float))
-    assert extras["steps_lower_bound"] == steps_lower_bound(parked, m)
+    assert stats.predictor.true.tolist() == parked
+    assert torch.equal(stats.predictor.predicted, torch.tensor(parked, dtype=torch.float))
+    assert stats.steps_lower_bound == steps_lower_bound(parked, m)
     assert r.stats.decoding_steps == steps_lower_bound(parked, m)  # the oracle plan is tight
-    trace = extras["slot_trace"]
+    trace = stats.slot_trace
     assert len(trace) == len(lengths) + len(parked)  # probe spans + decode-phase spans
-    assert all(start >= extras["probe_steps"] for _, s, start, _ in trace[len(lengths):])
+    assert all(start >= stats.probe_steps for _, s, start, _ in trace[len(lengths):])
 
 
 def test_predictor_sees_probe_and_hidden_and_is_refitted():
@@ -148,8 +149,8 @@ def test_auto_slots_count_the_parked_probe_kv(model):
     assert probed.peak_bytes(model, PROMPTS, 64, spec, m8) <= budget < \
         probed.peak_bytes(model, PROMPTS, 64, spec, m8 + 1)
     r = probed.sample(model, PROMPTS, 64, spec)
-    assert r.stats.extras["slots"] == m8 and r.stats.max_concurrency <= m8
-    assert r.stats.peak_kv_bytes <= r.stats.extras["predicted_peak_bytes"] - weights
+    assert r.stats.slots == m8 and r.stats.max_concurrency <= m8
+    assert r.stats.peak_kv_bytes <= r.stats.predicted_peak_bytes - weights
     with pytest.raises(ValueError, match="memory_budget_gb"):
         InfiniteSampler("auto", budget / (1 << 30), probe_tokens=64).slots(model, PROMPTS, 64,
                                                                            spec)
@@ -165,8 +166,8 @@ def test_slot_utilization_means_the_same_for_infinite(k):
     r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
         ScriptedLM(), [[n, 4] for n in lengths], 1, SCRIPTED)
     util = sampling_metrics(r)["sampling/slot_utilization"]
-    steps = r.stats.decoding_steps + r.stats.extras["probe_steps"]
-    busy = sum(end - start + 1 for _, _, start, end in r.stats.extras["slot_trace"])
+    steps = r.stats.decoding_steps + r.stats.probe_steps
+    busy = sum(end - start + 1 for _, _, start, end in r.stats.slot_trace)
     assert util == pytest.approx(busy / (steps * m)) and 0 < util <= 1
 
 
@@ -200,3 +201,45 @@ def test_each_prompt_is_prefilled_exactly_once(predictor):
     assert prefills == len(prompts)
     assert r.stats.prefill_passes == prefills
     assert r.stats.prefill_tokens == sum(len(p) for p in prompts)
+
+
+def test_plan_is_never_worse_than_plain_lpt():
+    """grouping=fptas takes the best of its candidate orders by predicted makespan: with exact
+    lengths its decoding steps (simulated by list scheduling, independently of the sampler)
+    are never above plain LPT's, on random instances and on one where the FPTAS plan alone
+    is worse (101 steps against LPT's 98)."""
+    import random
+
+    from samplers.scheduling import fptas_plan, planned_order, refill_order, simulate_steps
+
+    lengths, m = [12, 50, 59, 11, 41, 44, 16, 57], 3
+    fptas_only = planned_order(fptas_plan(lengths, m, 0.1), lengths, "lpt")
+    assert simulate_steps(lengths, fptas_only, m) == 101
+    assert simulate_steps(lengths, refill_order(lengths, "lpt"), m) == 98
+    sampler = InfiniteSampler(m)  # the defaults: fptas + lpt
+    name, order = sampler.order([float(n) for n in lengths], m)
+    assert name == "lpt" and simulate_steps(lengths, order, m) == 98
+    rng = random.Random(0)
+    for _ in range(200):
+        m = rng.choice([2, 3, 4, 8])
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(m, 24))]
+        _, order = InfiniteSampler(m).order([float(n) for n in lengths], m)
+        assert sorted(order) == list(range(len(lengths)))
+        assert simulate_steps(lengths, order, m) <= simulate_steps(
+            lengths, refill_order(lengths, "lpt"), m)
+    assert InfiniteSampler(2, grouping="none", refill="sjf").order([3.0, 1.0, 2.0], 2) == \
+        ("sjf", [1, 2, 0])
+
+
+def test_steps_over_lb_is_one_when_every_sample_ends_inside_the_probe():
+    """No decode phase left (L <= k + 1 for all): 0 steps at a bound of 0 is at the bound."""
+    from callbacks.sampling import sampling_metrics
+
+    lengths = [2, 3, 1, 3]
+    r = InfiniteSampler(2, probe_tokens=4, predictor=OraclePredictor()).sample(
+        ScriptedLM(), [[n, 4] for n in lengths], 1, SCRIPTED)
+    assert r.lengths.tolist() == lengths and r.stats.decoding_steps == 0
+    metrics = sampling_metrics(r)
+    assert metrics["sampling/steps_lower_bound"] == 0
+    assert metrics["sampling/steps_over_lb"] == 1.0
+    assert metrics["sampling/probe_steps"] == r.stats.probe_steps > 0

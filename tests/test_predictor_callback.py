@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.predictor import PredictorMetricsLogger, predictor_metrics, scatter_figure
-from samplers.base import Rollouts, SamplingStats
+from samplers.base import PredictorRecord, Rollouts, SamplingStats
 
 KEYS = {"predictor/mae", "predictor/smape", "predictor/kendall_tau", "predictor/acc_within_10",
         "predictor/n"}
@@ -76,10 +76,10 @@ def test_scatter_figure_has_labels_and_stats_in_title() -> None:
 # ----------------------------------------------------------------------------- callback
 
 
-def _rollouts(extras: dict[str, Any]) -> Rollouts:
+def _rollouts(fields: dict[str, Any]) -> Rollouts:
     stats = SamplingStats(decoding_steps=5, prefill_passes=1, prefill_tokens=3,
                           generated_tokens=8, peak_kv_bytes=0, max_concurrency=2,
-                          wall_time_s=0.1, extras=extras)
+                          wall_time_s=0.1, **fields)
     return Rollouts(prompt_index=torch.zeros(2, dtype=torch.long), sample_index=torch.arange(2),
                     completion_ids=torch.zeros(2, 4, dtype=torch.long),
                     completion_mask=torch.ones(2, 4, dtype=torch.bool),
@@ -87,13 +87,13 @@ def _rollouts(extras: dict[str, Any]) -> Rollouts:
                     stats=stats)
 
 
-def _record(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, Any]:
-    return {"name": "history", "probe_tokens": 8, "predicted": predicted, "true": true}
+def _record(predicted: torch.Tensor, true: torch.Tensor) -> PredictorRecord:
+    return PredictorRecord("history", 8, predicted, true)
 
 
-def _fake(extras: dict[str, Any], step: int, loggers: list[Any]) -> tuple[Any, Any]:
+def _fake(fields: dict[str, Any], step: int, loggers: list[Any]) -> tuple[Any, Any]:
     calls: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
-    module = SimpleNamespace(last_rollouts=_rollouts(extras), calls=calls,
+    module = SimpleNamespace(last_rollouts=_rollouts(fields), calls=calls,
                              log_dict=lambda metrics, **kw: calls.append((metrics, kw)))
     return SimpleNamespace(global_step=step, loggers=loggers), module
 
@@ -125,8 +125,8 @@ def test_callback_logs_nothing_without_predictor_or_with_n_zero(tmp_path: Path) 
     tb = TensorBoardLogger(save_dir=tmp_path, name="tb")
     callback = PredictorMetricsLogger()
     empty = _record(torch.zeros(0), torch.zeros(0, dtype=torch.long))
-    for extras in ({}, {"slots": 2}, {"predictor": empty}):
-        trainer, module = _fake(extras, 0, [tb])
+    for fields in ({}, {"slots": 2}, {"predictor": empty}):
+        trainer, module = _fake(fields, 0, [tb])
         callback.on_train_batch_end(trainer, module, None, None, 0)
         assert module.calls == []
     trainer, module = _fake({}, 0, [tb])

@@ -7,7 +7,7 @@ import torch
 from samplers.base import GenerationSpec, filter_logits, sample_tokens, uniforms
 from samplers.full import FullSampler
 from samplers.hf_generate import HFGenerateSampler
-from tests.helpers import tiny_lm
+from tests.helpers import ForwardCounter, tiny_lm
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13]]
 EOS = 3
@@ -121,7 +121,8 @@ def test_full_sample_streams_do_not_depend_on_group_size(model):
 
 def test_rollouts_layout_and_stats(model):
     spec = GenerationSpec(max_new_tokens=9, eos_token_ids=(EOS, 5, 7), seed=3)
-    r = FullSampler().sample(model, PROMPTS, 4, spec)
+    with ForwardCounter(model) as seen:
+        r = FullSampler().sample(model, PROMPTS, 4, spec)
     assert r.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert r.sample_index.tolist() == [0, 1, 2, 3] * 3
     assert torch.equal(r.completion_mask.sum(1), r.lengths)
@@ -130,13 +131,15 @@ def test_rollouts_layout_and_stats(model):
         ended = r.completion_ids[row, n - 1].item() in spec.eos_token_ids
         assert bool(r.finished[row]) == ended
         assert n == 9 or ended
-    assert r.stats.prefill_tokens == sum(map(len, PROMPTS))
-    assert r.stats.prefill_passes == 3
+    assert r.stats.prefill_tokens == seen.prompt_tokens == sum(map(len, PROMPTS))
+    assert r.stats.prefill_passes == seen.prefills == 3
     assert r.stats.decoding_steps == sum(int(r.lengths[4 * i: 4 * i + 4].max()) for i in range(3))
     assert r.stats.generated_tokens == int(r.lengths.sum())
     assert r.stats.max_concurrency == 4 and r.stats.peak_kv_bytes > 0
-    h = HFGenerateSampler().sample(model, PROMPTS, 4, spec)
-    assert h.stats.prefill_tokens == 4 * sum(map(len, PROMPTS))
+    with ForwardCounter(model) as seen:
+        h = HFGenerateSampler().sample(model, PROMPTS, 4, spec)
+    assert h.stats.prefill_tokens == seen.prompt_tokens == 4 * sum(map(len, PROMPTS))
+    assert h.stats.prefill_passes == seen.prefills
     assert h.stats.peak_kv_bytes > 0
 
 
