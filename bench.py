@@ -204,7 +204,8 @@ def main(cfg: DictConfig) -> None:
     bench = Bench(cfg)
     rows = TABLES[cfg.table](bench)
     stem = Path(cfg.out_dir) / cfg.name
-    header = (f"`python bench.py {' '.join(hydra.core.hydra_config.HydraConfig.get().overrides.task)}`"
+    overrides = " ".join(hydra.core.hydra_config.HydraConfig.get().overrides.task)
+    header = (f"`python bench.py {overrides}`"
               f" on {bench.device} ({torch.get_num_threads()} threads): B={len(bench.prompts)}, "
               f"prompt tokens={[len(p) for p in bench.prompts]}, max_new_tokens="
               f"{cfg.max_new_tokens}, seed={cfg.seed}")

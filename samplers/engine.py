@@ -401,7 +401,8 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * element
 
 
 def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,

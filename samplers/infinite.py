@@ -9,7 +9,7 @@ One `sample()` call (B prompts x G samples, m slots):
    is recomputed later. k = 0 skips the probe (the first token is drawn from the prompt's
    logits). Probe steps are counted apart, in `stats.probe_steps`.
 3. Predict each parked sample's remaining length with the predictor (config group
-   `predictor=oracle|history|minilm|hidden`, `samplers/length_predictors.py`).
+   `predictor=oracle|history|minilm|hidden`, `predictors/`).
 4. Plan an admission order (`samplers/scheduling.py`): `grouping: fptas` balances predicted
    work across the m slots with the FPTAS plan and admits samples by planned start time;
    `grouping: none` admits in refill order alone. `refill: sjf | lpt | fifo` orders samples
@@ -37,7 +37,7 @@ from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, sample_tok
 from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended,
                              check_slots, kv_bytes_per_token, predict_peak_bytes, prefill,
                              resolve_slots, to_rollouts)
-from samplers.length_predictors import HistoryPredictor, LengthPredictor, ProbeBatch
+from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 

@@ -99,7 +99,7 @@ def test_lora_reference_is_the_base_model(tiny_cfg):
 def test_validation_does_not_train_the_length_predictor(tiny_cfg, monkeypatch):
     """Greedy G = 1 validation lengths come from another distribution: only the training
     step's lengths reach the predictor's observe()."""
-    from samplers.length_predictors import HistoryPredictor
+    from predictors import HistoryPredictor
 
     seen = []
     original = HistoryPredictor.observe

@@ -8,7 +8,7 @@ import torch
 from samplers.base import GenerationSpec
 from samplers.full import FullSampler
 from samplers.infinite import InfiniteSampler
-from samplers.length_predictors import HiddenPredictor, HistoryPredictor, OraclePredictor
+from predictors import HiddenPredictor, HistoryPredictor, OraclePredictor
 from samplers.scheduling import REFILLS, steps_lower_bound
 from tests.helpers import ForwardCounter, ScriptedLM, tiny_lm
 
@@ -186,7 +186,7 @@ def test_slot_utilization_of_micro_rounds_by_hand():
 def test_each_prompt_is_prefilled_exactly_once(predictor):
     """Counted by a forward hook on the model (forwards over more than one token per row are
     prompt prefills), not by the engine's counters; the stats report the same number."""
-    from samplers.length_predictors import HistoryPredictor
+    from predictors import HistoryPredictor
 
     model = tiny_lm(seed=3)
     prompts = [[5, 9, 11, 2], [7, 3, 8], [4, 4, 6, 1, 2]]

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 
-import callbacks.memory as memory
 from callbacks.memory import GB, PeakMemory, PeakMemoryMonitor
 
 MB = 1_000_000

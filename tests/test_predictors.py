@@ -1,5 +1,5 @@
 """Length predictors of the `infinite` sampler, the saved-rollouts format and the offline
-trainer (samplers/length_predictors.py, datamodules/rollouts.py, train_predictor.py).
+trainer (predictors/, predictors/rollouts.py, train_predictor.py).
 
 The synthetic rollouts make the remaining length learnable: three prompt templates (yes/no,
 counting, story) whose completions start with a template-specific probe and have lengths
@@ -21,12 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from datamodules.rollouts import (PredictorDataModule, examples, hidden_states_at,
+from predictors.rollouts import (PredictorDataModule, examples, hidden_states_at,
                                   load_rollouts, save_rollouts, split_prompts)
 from samplers.base import SamplingStats, pack_rollouts
-from samplers.length_predictors import (HiddenPredictor, HistoryPredictor, MiniLMPredictor,
+from predictors import (HiddenPredictor, HistoryPredictor, MiniLMPredictor,
                                         OraclePredictor, ProbeBatch)
-from samplers.text_encoder import load_encoder
+from predictors.text_encoder import load_encoder
 from tests.conftest import CONFIGS
 from tests.helpers import tiny_lm
 

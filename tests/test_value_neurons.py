@@ -15,7 +15,7 @@ from modules.value_neurons import (ActivationStats, ValueNeurons, activation_pro
 from samplers.base import GenerationSpec
 from samplers.full import FullSampler
 from samplers.infinite import InfiniteSampler
-from samplers.length_predictors import HistoryPredictor
+from predictors import HistoryPredictor
 
 POLE_A, POLE_B = list(range(4, 24)), list(range(24, 44))
 PLANTED = 17  # neuron of layer 0

@@ -1,9 +1,9 @@
 """PredictorModule: offline training of a learned length predictor's head on saved rollouts.
 
-Wraps the `HeadLearner` of a `minilm` or `hidden` predictor (samplers/length_predictors.py):
+Wraps the `HeadLearner` of a `minilm` or `hidden` predictor (predictors/):
 the head it trains IS the predictor's head, with the same `head_loss` and optimizer as the
 online refit, so `predictor.save()` after `trainer.fit` writes the trained weights. Features
-come from `datamodules.rollouts.PredictorDataModule`; validation (held-out prompts) logs
+come from `predictors.rollouts.PredictorDataModule`; validation (held-out prompts) logs
 `predictor/mae`, `predictor/smape`, `predictor/kendall_tau`, `predictor/acc_within_10`.
 
     python train_predictor.py predictor=hidden rollouts=bench_results/rollouts_chat.pt
@@ -16,8 +16,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks.predictor import predictor_metrics
-from samplers.predictor_head import from_target, head_loss, make_optimizer
+from predictors.metrics import predictor_metrics
+from predictors.head import from_target, head_loss, make_optimizer
 
 
 class PredictorModule(pl.LightningModule):

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from samplers.base import Rollouts
-from samplers.length_predictors import ProbeBatch
-from samplers.predictor_head import check_number
+from predictors.base import ProbeBatch
+from predictors.head import check_number
 
 FORMAT = "rollouts-v1"
 KEYS = ("prompts", "prompt_index", "sample_index", "completion_ids", "lengths", "finished")
@@ -52,7 +52,7 @@ def save_rollouts(path: str | os.PathLike, prompts: list[list[int]], rollouts: R
 def load_rollouts(path: str | os.PathLike | None) -> dict[str, Any]:
     if not path or not Path(path).is_file():
         raise ValueError(f"rollouts={str(path)!r} is not a file: record one with "
-                         f"datamodules.rollouts.save_rollouts")
+                         f"predictors.rollouts.save_rollouts")
     record = torch.load(path, map_location="cpu", weights_only=True)
     missing = [key for key in KEYS if key not in record]
     if record.get("format") != FORMAT or missing:
@@ -160,7 +160,7 @@ class PredictorDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if not Path(rollouts or "").is_file():
             raise ValueError(f"rollouts={rollouts!r} is not a file: record one with "
-                             f"datamodules.rollouts.save_rollouts")
+                             f"predictors.rollouts.save_rollouts")
         self.rollouts, self.featurize, self.model = rollouts, featurize, model
         self.needs_hidden, self.val_fraction = needs_hidden, val_fraction
         self.seed, self.num_workers = seed, num_workers

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from samplers.predictor_head import MLPHead
+from predictors.head import MLPHead
 
 CACHE_SIZE = 32768  # embeddings kept (x 384 floats = 50 MB at most)
 EMBED_BATCH = 32

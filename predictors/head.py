@@ -1,9 +1,9 @@
 """The learned part of the `minilm` and `hidden` length predictors: a small MLP head, its ONE
 training loss, and the bounded example buffer + periodic refit used for online learning.
 
-Both learned predictors (samplers/length_predictors.py) own a `HeadLearner` (composition, no
+Both learned predictors (predictors/) own a `HeadLearner` (composition, no
 base class): they turn a `ProbeBatch` into a feature tensor and the learner does the rest. The
-offline Lightning module (modules/predictor_module.py) trains the same `learner.module` with the
+offline Lightning module (predictors/module.py) trains the same `learner.module` with the
 same `head_loss` and `make_optimizer`, so online refits and offline training optimise one
 objective.
 
