@@ -74,8 +74,7 @@ class GRPOModule(pl.LightningModule):
         self.eos_token_ids = policy.eos_token_ids
         self.sampler = sampler
         self.steering = policy.steering  # value neurons steered while sampling (and training)
-        if hasattr(sampler, "bind"):  # text length predictors decode prompts and probes
-            sampler.bind(self.tokenizer)
+        sampler.bind(self.tokenizer)  # text length predictors decode prompts and probes
         self.reward_fns = parse_rewards(rewards)
         # The frozen reference lives outside the module's state_dict (it never changes).
         self._ref: list[torch.nn.Module] = []
@@ -106,9 +105,8 @@ class GRPOModule(pl.LightningModule):
             "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        predictor = getattr(self.sampler, "predictor", None)
-        if predictor is not None:  # an online-refitted length predictor resumes where it was
-            checkpoint["length_predictor"] = predictor.state_dict()
+        if self.sampler.predictor is not None:  # an online-refitted predictor resumes as it was
+            checkpoint["length_predictor"] = self.sampler.predictor.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -119,9 +117,8 @@ class GRPOModule(pl.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             if states["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
-        predictor = getattr(self.sampler, "predictor", None)
-        if predictor is not None and "length_predictor" in checkpoint:
-            predictor.load_state_dict(checkpoint["length_predictor"])
+        if self.sampler.predictor is not None and "length_predictor" in checkpoint:
+            self.sampler.predictor.load_state_dict(checkpoint["length_predictor"])
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -341,14 +338,11 @@ class GRPOModule(pl.LightningModule):
         """Greedy accuracy: one completion per validation prompt."""
         hp = self.hparams
         spec = self.spec(temperature=0.0, max_new_tokens=hp.val_max_new_tokens)
-        learning = getattr(self.sampler, "learning", None)
-        if learning is not None:  # greedy G = 1 lengths must not refit the length predictor
-            self.sampler.learning = False
-        try:
+        learning, self.sampler.learning = self.sampler.learning, False
+        try:  # greedy G = 1 lengths are another distribution: they must not refit a predictor
             rollouts = self.generate(batch["prompt_ids"], 1, spec)
         finally:
-            if learning is not None:
-                self.sampler.learning = learning
+            self.sampler.learning = learning
         rewards, per_fn = self.score(batch, rollouts)
         size = len(batch["prompt_ids"])
         metrics = {"val/reward": rewards.mean(),

@@ -12,7 +12,7 @@ invariance, DESIGN.md section 4).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -78,10 +78,37 @@ class Rollouts:
         return int(self.lengths.numel())
 
 
+@runtime_checkable
 class Sampler(Protocol):
+    """What `GRPOModule` (and the benchmarks) rely on; `SamplerBase` gives the defaults.
+
+    - `sample`: B prompts -> B x G completions (DESIGN.md section 4).
+    - `predictor`: the length predictor it schedules with (`infinite`), or None. Its state is
+      saved in, and restored from, the training checkpoint.
+    - `learning`: set False while the caller samples another distribution than training's
+      (greedy validation); a predictor is then asked but not refitted.
+    - `bind(tokenizer)`: called once with the policy's tokenizer (text predictors decode
+      prompts and probes with it).
+    """
+
+    predictor: Any | None
+    learning: bool
+
+    def bind(self, tokenizer: Any) -> None: ...
+
     def sample(
         self, model: Any, prompts: list[list[int]], group_size: int, spec: GenerationSpec
     ) -> Rollouts: ...
+
+
+class SamplerBase:
+    """The Sampler protocol's defaults for a sampler without a length predictor."""
+
+    predictor: Any | None = None
+    learning: bool = True
+
+    def bind(self, tokenizer: Any) -> None:
+        """Nothing to bind: only length predictors read text."""
 
 
 # ----------------------------------------------------------------------------- validation

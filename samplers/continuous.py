@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, validate_request
-from samplers.engine import check_slots, run_slots, to_rollouts
+from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
+from samplers.engine import to_rollouts
+from samplers.memory import check_slots, run_slots
 from samplers.scheduling import DynamicQueue, SampleQueue, fifo_order
 
 MODES = ("fixed", "dynamic")
 
 
-class ContinuousSampler:
+class ContinuousSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, mode: str = "fixed",
                  memory_budget_gb: float | None = None) -> None:
         if mode not in MODES:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, validate_request
+from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import DecodeEngine, to_rollouts
 from samplers.scheduling import SampleQueue, fifo_order
 
 
-class FullSampler:
+class FullSampler(SamplerBase):
     """All G rows of a prompt in one batch; prompts of a batch run one after another."""
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,

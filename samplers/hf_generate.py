@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, kv_bytes, pack_rollouts,
-                           truncate_at_eos, validate_request)
+from samplers.base import (GenerationSpec, Rollouts, SamplerBase, SamplingStats, kv_bytes,
+                           pack_rollouts, truncate_at_eos, validate_request)
 
 
-class HFGenerateSampler:
+class HFGenerateSampler(SamplerBase):
     """One `generate` call per prompt on G copies of it."""
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,

@@ -32,19 +32,19 @@ from typing import Any
 
 import torch
 
-from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, sample_tokens, uniforms,
-                           validate_request)
-from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended,
-                             check_slots, kv_bytes_per_token, predict_peak_bytes, prefill,
-                             resolve_slots, to_rollouts)
+from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBase,
+                           sample_tokens, uniforms, validate_request)
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
+from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended, prefill,
+                             to_rollouts)
+from samplers.memory import check_slots, kv_bytes_per_token, predict_peak_bytes, resolve_slots
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 
 GROUPINGS = ("fptas", "none")
 
 
-class InfiniteSampler:
+class InfiniteSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, memory_budget_gb: float | None = None,
                  probe_tokens: int = 8, refill: str = "lpt", grouping: str = "fptas",
                  epsilon: float = 0.1, predictor: LengthPredictor | None = None) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, validate_request
-from samplers.engine import check_slots, run_slots, to_rollouts
+from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
+from samplers.engine import to_rollouts
+from samplers.memory import check_slots, run_slots
 from samplers.scheduling import SampleQueue, fifo_order
 
 
-class MicroSampler:
+class MicroSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8,
                  memory_budget_gb: float | None = None) -> None:
         check_slots(micro_group_size, memory_budget_gb)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
 
+from samplers.base import SamplerBase
+
 
 def char_fraction_reward(completions: list[str], chars: str = "0123456789",
                          **batch: Any) -> list[float]:
@@ -119,7 +121,7 @@ class GradDump:
         return _Dump()
 
 
-class PromptSeededSampler:
+class PromptSeededSampler(SamplerBase):
     """Samples each prompt's group with a seed taken from the prompt's tokens, so that the
     rollouts of a prompt do not depend on the rank, batch or position it was sampled in (the
     DDP test compares two ranks with one process on the same prompts)."""

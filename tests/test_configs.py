@@ -41,7 +41,10 @@ def test_sampler_config_builds_a_sampler_that_decodes_like_generate(name):
     `model.generate` (float64 tiny model, EOS cut), group by group."""
     from tests.helpers import tiny_lm
 
+    from samplers.base import Sampler
+
     sampler = instantiate(compose_config([f"sampler={name}"]).sampler)
+    assert isinstance(sampler, Sampler)  # sample, bind, predictor, learning
     model, eos = tiny_lm("llama"), 3
     prompts = [[1, 2, 4, 6, 7, 9], [9, 8], [10, 11, 12, 13]]
     spec_args = dict(max_new_tokens=12, temperature=0.0, eos_token_ids=(eos,))

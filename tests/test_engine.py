@@ -6,7 +6,7 @@ import torch
 
 from samplers.base import GenerationSpec
 from samplers.continuous import ContinuousSampler
-from samplers.engine import predict_peak_bytes, resolve_slots
+from samplers.memory import predict_peak_bytes, resolve_slots
 from samplers.full import FullSampler
 from samplers.micro import MicroSampler
 from samplers.scheduling import (DynamicQueue, SampleQueue, list_schedule_makespan,
