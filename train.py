@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +79,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
+def config_key(err: BaseException | None) -> str | None:
+    """The config node Hydra was instantiating when `err` was raised (its `full_key`)."""
+    while err is not None:
+        found = re.search(r"full_key: ([\w.\[\]]+)", str(err))
+        if found:
+            return found.group(1)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def user_error(err: BaseException) -> BaseException | None:
     """The config/data error at the root of `err`, if there is one (Hydra wraps them)."""
     while err is not None:
@@ -101,7 +112,9 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
         log.exception("run failed; output dir: %s", output_dir)
         if cause is None:
             raise
-        print(f"\nerror: {type(cause).__name__}: {cause}\n(details: {output_dir})",
+        key = config_key(err)
+        where = f"in the config `{key}`; " if key else ""
+        print(f"\nerror: {type(cause).__name__}: {cause}\n({where}details: {output_dir})",
               file=sys.stderr)
         raise SystemExit(1) from None
 

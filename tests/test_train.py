@@ -174,16 +174,30 @@ def test_unknown_sampler_is_a_clear_cli_error(tmp_path):
     assert "Available options" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_user_error_is_one_line_not_a_traceback(tmp_path):
+@pytest.mark.parametrize("overrides, line, where", [
+    (["model.group_size=0"], "error: ValueError: group_size must be an int >= 1, got 0",
+     "in the config `model`"),
+    (["sampler=infinite", "sampler.refill=foo"],
+     "error: ValueError: refill must be one of ('sjf', 'lpt', 'fifo'), got 'foo'",
+     "in the config `sampler`"),
+    (["model.max_new_tokens=5000"], "error: ValueError: model.max_new_tokens=5000 leaves no "
+     "room for the prompt", ""),
+    (["ckpt_path=/no/such.ckpt"], "error: FileNotFoundError: ckpt_path='/no/such.ckpt' does "
+     "not exist", ""),
+])
+def test_cli_user_error_is_one_line_not_a_traceback(tmp_path, overrides, line, where):
+    """A bad setting ends the run with one `error:` line that names it and what is accepted,
+    the config node it came from, and the run dir; the traceback goes to the log file only."""
     import subprocess
     import sys
     from tests.conftest import TINY
     out = subprocess.run(
-        [sys.executable, "train.py", *TINY, "model.group_size=0", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", *TINY, *overrides, f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
-    assert "error: ValueError: group_size must be an int >= 1" in out.stderr
+    assert line in out.stderr and where in out.stderr
     assert "Traceback" not in out.stderr
+    assert any("Traceback" in log.read_text() for log in tmp_path.glob("*.log"))
 
 
 def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
