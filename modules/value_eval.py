@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from modules.value_neurons import steering_paused
+from samplers.base import cache_keyword
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
                 "security", "conformity", "tradition", "benevolence", "universalism")
@@ -88,9 +89,9 @@ class AnswerCache:
         """[n, V] next-token logits at every prompt's last token (float32, on the CPU)."""
         out = []
         for cache, last, attention, positions in self.batches:
+            cached = {cache_keyword(model): copy.deepcopy(cache)}  # the forward appends to it
             logits = model(input_ids=last, attention_mask=attention, position_ids=positions,
-                           past_key_values=copy.deepcopy(cache),  # the forward appends to it
-                           use_cache=True).logits[:, -1]
+                           use_cache=True, **cached).logits[:, -1]
             out.append(logits.float().cpu())
         return torch.cat(out)
 

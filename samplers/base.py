@@ -11,6 +11,7 @@ invariance, DESIGN.md section 4).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -149,6 +150,19 @@ def validate_request(
                 f"prompts[{i}] has {len(prompt)} tokens; with max_new_tokens="
                 f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens"
             )
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's name for a KV cache argument: `cache` in recent transformers 5 releases
+    (`past_key_values` is deprecated there, with a warning at every call), else
+    `past_key_values`. A PEFT wrapper is looked through to its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def check_positive(name: str, value: Any) -> int:

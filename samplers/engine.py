@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, pack_rollouts, sample_tokens,
-                           uniforms)
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, pack_rollouts,
+                           sample_tokens, uniforms)
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -154,6 +154,7 @@ class DecodeEngine:
                  capture_hidden: bool = False, suspend_after: int | None = None,
                  resume: dict[SampleId, Suspended] | None = None) -> None:
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
+        self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
         self.capacity = max(len(p) for p in prompts) + spec.max_new_tokens
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
@@ -356,8 +357,9 @@ class _Run:
         mask.masked_fill_(~valid, float("-inf"))
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
         out = self.e.model(input_ids=feed[:, None], position_ids=columns[:, None],
-                           attention_mask=mask[:, None, None, :], past_key_values=self.cache,
-                           use_cache=True, output_hidden_states=self.hidden is not None)
+                           attention_mask=mask[:, None, None, :], use_cache=True,
+                           output_hidden_states=self.hidden is not None,
+                           **{self.e.cache_keyword: self.cache})
         self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
         if self.hidden is not None:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
