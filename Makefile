@@ -26,6 +26,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 

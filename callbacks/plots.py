@@ -1,6 +1,6 @@
 """Rollout pictures: a slot Gantt chart (slots x decoding steps) from `SamplingStats.slot_trace`.
 
-Used by the `SlotGantt` callback (TensorBoard image) and by bench.py (PNG files).
+Used by the `SlotGantt` callback (TensorBoard image) and by the benchmarks (PNG files).
 """
 from __future__ import annotations
 
