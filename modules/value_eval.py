@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from modules.value_neurons import steering_paused
-from samplers.base import cache_keyword
+from samplers.base import cache_keyword, output_cache
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
                 "security", "conformity", "tradition", "benevolence", "universalism")
@@ -81,7 +81,7 @@ class AnswerCache:
             with steering_paused(model):
                 out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1],
                             position_ids=positions[:, :-1], use_cache=True)
-            self.batches.append((out.past_key_values, ids[:, -1:], attention,
+            self.batches.append((output_cache(out), ids[:, -1:], attention,
                                  positions[:, -1:]))
 
     @torch.no_grad()

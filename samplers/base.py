@@ -165,6 +165,13 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward (or generate) returned: `out.cache` in recent transformers 5
+    releases, `out.past_key_values` before (now a deprecated alias that warns)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def check_positive(name: str, value: Any) -> int:
     """Validate an int >= 1 config value such as micro_group_size."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

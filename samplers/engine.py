@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, pack_rollouts,
-                           sample_tokens, uniforms)
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, output_cache,
+                           pack_rollouts, sample_tokens, uniforms)
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -130,7 +130,7 @@ def prefill(model: Any, prompt: list[int], device: torch.device,
     out = model(input_ids=torch.tensor([prompt], device=device),
                 position_ids=torch.arange(length, device=device)[None], use_cache=True,
                 logits_to_keep=1, output_hidden_states=hidden)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
                     out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None)
 

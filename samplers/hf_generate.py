@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from samplers.base import (GenerationSpec, Rollouts, SamplerBase, SamplingStats, kv_bytes,
-                           pack_rollouts, truncate_at_eos, validate_request)
+                           output_cache, pack_rollouts, truncate_at_eos, validate_request)
 
 
 class HFGenerateSampler(SamplerBase):
@@ -40,7 +40,7 @@ class HFGenerateSampler(SamplerBase):
                 torch.manual_seed(spec.seed * 1_000_003 + i)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                      generation_config=config)
-            peak = max(peak, kv_bytes(out.past_key_values))
+            peak = max(peak, kv_bytes(output_cache(out)))
             new = out.sequences[:, len(prompt):].tolist()  # [G, L_max]
             steps += len(new[0])
             for row in new:
