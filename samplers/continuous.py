@@ -20,7 +20,7 @@ from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import to_rollouts
-from samplers.memory import check_slots, run_slots
+from samplers.memory import check_prompt_kv, check_slots, run_slots
 from samplers.scheduling import DynamicQueue, SampleQueue, fifo_order
 
 MODES = ("fixed", "dynamic")
@@ -28,12 +28,13 @@ MODES = ("fixed", "dynamic")
 
 class ContinuousSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, mode: str = "fixed",
-                 memory_budget_gb: float | None = None) -> None:
+                 memory_budget_gb: float | None = None, prompt_kv: str = "shared") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_slots(micro_group_size, memory_budget_gb)
+        check_prompt_kv(prompt_kv)
         self.micro_group_size, self.mode = micro_group_size, mode
-        self.memory_budget_gb = memory_budget_gb
+        self.memory_budget_gb, self.prompt_kv = memory_budget_gb, prompt_kv
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
@@ -42,7 +43,7 @@ class ContinuousSampler(SamplerBase):
         queue = (DynamicQueue(len(prompts), group_size) if dynamic
                  else SampleQueue(fifo_order(len(prompts), group_size), rounds=False))
         result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
-                           self.memory_budget_gb)
+                           self.memory_budget_gb, self.prompt_kv)
         if not dynamic:
             return to_rollouts(result, len(prompts), group_size, spec)
         order = finish_ranks(result.finish_order, group_size)

@@ -30,6 +30,7 @@ same streams) and takes L - k row-steps in the second run.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,8 +38,10 @@ import torch
 
 from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, output_cache,
                            pack_rollouts, sample_tokens, uniforms)
+from samplers.prefix_attention import SharedPrefix, shared_prefix_implementation
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
+PROMPT_KV = ("shared", "copied")
 
 
 class Queue(Protocol):
@@ -152,11 +155,16 @@ class DecodeEngine:
     def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
                  slots: int, store: dict[int, PromptKV] | None = None,
                  capture_hidden: bool = False, suspend_after: int | None = None,
-                 resume: dict[SampleId, Suspended] | None = None) -> None:
+                 resume: dict[SampleId, Suspended] | None = None,
+                 prompt_kv: str = "shared") -> None:
+        if prompt_kv not in PROMPT_KV:
+            raise ValueError(f"prompt_kv must be one of {PROMPT_KV}, got {prompt_kv!r}")
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
         self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
-        self.capacity = max(len(p) for p in prompts) + spec.max_new_tokens
+        self.shared = prompt_kv == "shared"
+        # shared: slot rows hold completion KV only; copied: prompt + completion
+        self.capacity = spec.max_new_tokens + (0 if self.shared else max(map(len, prompts)))
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
         self.shared_store = store
         self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
@@ -228,9 +236,11 @@ class _Run:
         i, j = sample
         kv = self.prompt_kv(i)
         row, length = self.n, len(self.e.prompts[i])
-        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            self.cache.keys[layer][row, :, :length] = k
-            self.cache.values[layer][row, :, :length] = v
+        start = 0 if self.e.shared else length  # the row's first completion column
+        if not self.e.shared:
+            for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+                self.cache.keys[layer][row, :, :length] = k
+                self.cache.values[layer][row, :, :length] = v
         self.logits[row] = kv.logits
         if self.hidden is not None:
             self.hidden[row] = kv.hidden
@@ -241,8 +251,8 @@ class _Run:
         if state is not None:  # a probed sample: its KV, tokens, and the pending last token
             k = len(state.tokens) - 1
             for layer, (key, value) in enumerate(zip(state.keys, state.values)):
-                self.cache.keys[layer][row, :, length: length + k] = key
-                self.cache.values[layer][row, :, length: length + k] = value
+                self.cache.keys[layer][row, :, start: start + k] = key
+                self.cache.values[layer][row, :, start: start + k] = value
             self.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
             self.generated[row], self.pending[row], self.any_pending = k, True, True
             if self.hidden is not None and state.hidden is not None:
@@ -258,8 +268,8 @@ class _Run:
             for sample in self.queue.admit(m - self.n, self.n):
                 self.place(sample, step)
             self.track_memory()
-            for i in [i for i in self.store if self.queue.remaining(i) == 0]:
-                if not self.keep_store:
+            if not self.keep_store and not self.e.shared:
+                for i in [i for i in self.store if self.queue.remaining(i) == 0]:
                     self.store.pop(i)  # every sample of prompt i was placed and holds a copy
             if self.n == 0:
                 break
@@ -311,14 +321,22 @@ class _Run:
         for other in self.queue.on_finished(sample):
             self.result.cancelled.append(other)
             self.free(self.row_of[other], step, feed)
-        if self.queue.remaining(sample[0]) == 0 and not self.keep_store:
-            self.store.pop(sample[0], None)  # Dynamic-Slot: the prompt is complete
-            # (a caller-owned store keeps its prompts: the caller runs them again, e.g. the
-            # infinite sampler's decode phase after its probe)
+        self.release_prompts()
+
+    def release_prompts(self) -> None:
+        """Drop the prompt KV nobody needs any more: copied, once every sample of the prompt was
+        placed (each holds a copy); shared, once none is pending or running. A caller-owned store
+        keeps its prompts (the caller runs them again, e.g. `infinite`'s decode phase)."""
+        if self.keep_store:
+            return
+        running = set(self.prompt_id[: self.n].tolist()) if self.e.shared else set()
+        for i in [i for i in self.store if self.queue.remaining(i) == 0 and i not in running]:
+            self.store.pop(i)
 
     def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
-        start, k = int(self.prompt_len[row]), int(self.generated[row]) - 1
+        start = 0 if self.e.shared else int(self.prompt_len[row])
+        k = int(self.generated[row]) - 1
         self.result.suspended[sample] = Suspended(
             [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
             [values[row, :, start: start + k].clone() for values in self.cache.values],
@@ -350,22 +368,39 @@ class _Run:
     def forward(self, feed: torch.Tensor) -> None:
         """One batched forward over the running rows [0, n) (a prefix view of the cache)."""
         n = self.n
-        columns = self.prompt_len[:n] + self.generated[:n] - 1  # column of the token fed
+        fed = self.generated[:n] - 1  # completion column of the token fed
+        positions = self.prompt_len[:n] + fed
+        columns = fed if self.e.shared else positions  # where its KV goes in the slot row
         width = int(columns.max()) + 1
         valid = torch.arange(width, device=self.e.device)[None, :] <= columns[:, None]
         mask = torch.zeros(valid.shape, dtype=self.cache.keys[0].dtype, device=self.e.device)
-        mask.masked_fill_(~valid, float("-inf"))
+        mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]  # [n, 1, 1, W]
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
-        out = self.e.model(input_ids=feed[:, None], position_ids=columns[:, None],
-                           attention_mask=mask[:, None, None, :], use_cache=True,
-                           output_hidden_states=self.hidden is not None,
-                           **{self.e.cache_keyword: self.cache})
+        extra, context = {}, nullcontext()
+        if self.e.shared:
+            extra["shared_prefix"] = SharedPrefix(
+                {i: kv.keys for i, kv in self.store.items()},
+                {i: kv.values for i, kv in self.store.items()},
+                prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask)
+            context = shared_prefix_implementation(self.e.model)
+        with context:
+            out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],
+                               attention_mask=mask, use_cache=True,
+                               output_hidden_states=self.hidden is not None,
+                               **{self.e.cache_keyword: self.cache}, **extra)
         self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
         if self.hidden is not None:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def prompt_groups(prompt_id: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(prompt, its row indices) for every prompt among the running rows (one device sync)."""
+    order = torch.argsort(prompt_id, stable=True)
+    prompts, counts = torch.unique_consecutive(prompt_id[order], return_counts=True)
+    return list(zip(prompts.tolist(), order.split(counts.tolist())))
 
 
 def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,

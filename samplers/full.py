@@ -13,15 +13,20 @@ from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import DecodeEngine, to_rollouts
+from samplers.memory import check_prompt_kv
 from samplers.scheduling import SampleQueue, fifo_order
 
 
 class FullSampler(SamplerBase):
     """All G rows of a prompt in one batch; prompts of a batch run one after another."""
 
+    def __init__(self, prompt_kv: str = "shared") -> None:
+        self.prompt_kv = check_prompt_kv(prompt_kv)
+
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
         queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
-        result = DecodeEngine(model, prompts, spec, slots=group_size).run(queue)
+        result = DecodeEngine(model, prompts, spec, slots=group_size,
+                              prompt_kv=self.prompt_kv).run(queue)
         return to_rollouts(result, len(prompts), group_size, spec)

@@ -37,7 +37,8 @@ from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBas
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended, prefill,
                              to_rollouts)
-from samplers.memory import check_slots, kv_bytes_per_token, predict_peak_bytes, resolve_slots
+from samplers.memory import (check_prompt_kv, check_slots, kv_bytes_per_token, predict_peak_bytes,
+                             resolve_slots)
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 
@@ -47,8 +48,10 @@ GROUPINGS = ("fptas", "none")
 class InfiniteSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, memory_budget_gb: float | None = None,
                  probe_tokens: int = 8, refill: str = "lpt", grouping: str = "fptas",
-                 epsilon: float = 0.1, predictor: LengthPredictor | None = None) -> None:
+                 epsilon: float = 0.1, predictor: LengthPredictor | None = None,
+                 prompt_kv: str = "shared") -> None:
         check_slots(micro_group_size, memory_budget_gb)
+        self.prompt_kv = check_prompt_kv(prompt_kv)
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) \
                 or probe_tokens < 0:
             raise ValueError(f"probe_tokens must be an int >= 0, got {probe_tokens!r}")
@@ -81,8 +84,8 @@ class InfiniteSampler(SamplerBase):
             batch = self.probe_batch(prompts, samples, parked)
             if self.predictor.needs_oracle:  # ablation only: a pre-pass with the same streams
                 oracle_start = time.perf_counter()
-                prepass = DecodeEngine(model, prompts, spec, m, store=store,
-                                       resume=parked).run(SampleQueue(samples))
+                prepass = DecodeEngine(model, prompts, spec, m, store=store, resume=parked,
+                                       prompt_kv=self.prompt_kv).run(SampleQueue(samples))
                 batch.true_remaining = remaining_lengths(prepass, samples, self.probe_tokens)
                 oracle_s = time.perf_counter() - oracle_start
             # no sample can have more than max_new_tokens - k tokens left: a learned head
@@ -91,7 +94,7 @@ class InfiniteSampler(SamplerBase):
                 0, max(0, spec.max_new_tokens - self.probe_tokens))  # [n]
             plan, ranks = self.order(predicted.tolist(), m)
             order = [samples[x] for x in ranks]
-            main = DecodeEngine(model, prompts, spec, m, store=store,
+            main = DecodeEngine(model, prompts, spec, m, store=store, prompt_kv=self.prompt_kv,
                                 resume=parked).run(SampleQueue(order))
         wall = time.perf_counter() - start - (oracle_s if self.predictor.needs_oracle else 0.0)
         result = merge(done, main, store, prompts, wall)
@@ -109,26 +112,25 @@ class InfiniteSampler(SamplerBase):
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
                    spec: GenerationSpec, slots: int) -> int:
         """The engine's predicted peak plus what `infinite` keeps besides: every prompt's KV
-        for the whole call and the parked probe KV (k tokens of each of the B x G samples)."""
+        for the whole call (its own store, so the shared engine holds no prompt of its own)
+        and the parked probe KV (k tokens of each of the B x G samples)."""
         per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
         kept = sum(len(p) for p in prompts) + len(prompts) * group_size * self.probe_tokens
-        return predict_peak_bytes(model, prompts, spec, slots) + kept * per_token
+        engine = predict_peak_bytes(model, prompts, spec, slots, self.prompt_kv, live_prompts=0)
+        return engine + kept * per_token
 
     def slots(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec) -> int:
         """m itself, or with `auto` the largest m whose peak (parked KV included) fits."""
-        m = resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
-                          group_size, spec)
-        if self.micro_group_size == "auto":
-            budget = self.memory_budget_gb * (1 << 30)
-            while m > 1 and self.peak_bytes(model, prompts, group_size, spec, m) > budget:
-                m -= 1
-            need = self.peak_bytes(model, prompts, group_size, spec, m)
-            if need > budget:
-                raise ValueError(f"memory_budget_gb={self.memory_budget_gb} is below the "
-                                 f"{need / (1 << 30):.3f} GiB that one slot plus the parked "
-                                 f"probe KV need (lower probe_tokens or group_size)")
-        return m
+        def peak(m: int) -> int:
+            return self.peak_bytes(model, prompts, group_size, spec, m)
+
+        if self.micro_group_size == "auto" and peak(1) > self.memory_budget_gb * (1 << 30):
+            raise ValueError(f"memory_budget_gb={self.memory_budget_gb} is below the "
+                             f"{peak(1) / (1 << 30):.3f} GiB that one slot plus the prompts and "
+                             f"the parked probe KV need (lower probe_tokens or group_size)")
+        return resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
+                             group_size, spec, peak)
 
     def probe(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec, m: int
@@ -143,7 +145,8 @@ class InfiniteSampler(SamplerBase):
             done = first_tokens(store, queue, spec)
         else:
             done = DecodeEngine(model, prompts, spec, m, store=store, capture_hidden=hidden,
-                                suspend_after=self.probe_tokens).run(SampleQueue(queue))
+                                suspend_after=self.probe_tokens,
+                                prompt_kv=self.prompt_kv).run(SampleQueue(queue))
         done.prefill_passes = len(prompts)
         done.prefill_tokens = sum(len(p) for p in prompts)
         return done, done.suspended, store

@@ -10,12 +10,12 @@ tensors really hold, and bench Table A against measured peaks.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from samplers.base import GenerationSpec, check_positive
-from samplers.engine import DecodeEngine, EngineResult, Queue
+from samplers.engine import PROMPT_KV, DecodeEngine, EngineResult, Queue
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -29,17 +29,46 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 
 
 def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,
-                       slots: int) -> int:
-    """Weights + the engine's KV (slots, plus up to two prompts' KV alive) + logits buffers."""
+                       slots: int, prompt_kv: str = "shared",
+                       live_prompts: int | None = None) -> int:
+    """Weights + the engine's KV + logits buffers, for the `prompt_kv` layout.
+
+    copied: m rows of (longest P + max_new_tokens), plus up to two prompts' KV while samples
+    are placed. shared: m rows of max_new_tokens, plus the KV of the prompts alive at once,
+    bounded by the `live_prompts` longest ones (default min(B, m + 1): m rows belong to at most
+    m prompts, and one more is prefilled when a row frees; rounds need fewer, see
+    `live_prompt_bound`).
+    """
+    check_prompt_kv(prompt_kv)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     per_token = kv_bytes_per_token(model.config, params[0].dtype)
-    longest = max(len(p) for p in prompts)
-    slot_kv = slots * (longest + spec.max_new_tokens) * per_token
-    prompt_kv = 2 * longest * per_token
+    lengths = sorted((len(p) for p in prompts), reverse=True)
+    if prompt_kv == "copied":
+        tokens = slots * (lengths[0] + spec.max_new_tokens) + 2 * lengths[0]
+    else:
+        live = min(len(lengths), slots + 1) if live_prompts is None else live_prompts
+        tokens = slots * spec.max_new_tokens + sum(lengths[:live])
     vocab = model.config.get_text_config().vocab_size
     logits = 4 * slots * vocab * 4  # row logits, forward output, probabilities, CDF (float32)
-    return weights + slot_kv + prompt_kv + logits
+    return weights + tokens * per_token + logits
+
+
+def live_prompt_bound(num_prompts: int, group_size: int, slots: int, rounds: bool) -> int:
+    """Most prompts whose KV the shared layout holds at once. Rounds of m samples in (prompt,
+    sample) order (`full`, `micro`) span at most ceil(m / G) + 1 prompts, and the next round's
+    first prompt is prefilled while a prompt split across rounds is still held; refilled slots
+    (`continuous`) can hold m prompts plus the one being prefilled."""
+    bound = -(-slots // group_size) + 2 if rounds else slots + 1
+    return min(num_prompts, bound)
+
+
+def check_prompt_kv(prompt_kv: str) -> str:
+    """Validate the `prompt_kv` layout of an engine sampler config."""
+    if prompt_kv not in PROMPT_KV:
+        raise ValueError(f"prompt_kv must be one of {PROMPT_KV} (shared: one copy per prompt; "
+                         f"copied: in every slot row, for A/B runs), got {prompt_kv!r}")
+    return prompt_kv
 
 
 def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> None:
@@ -52,34 +81,39 @@ def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> 
 
 
 def resolve_slots(micro_group_size: int | str, memory_budget_gb: float | None, model: Any,
-                  prompts: list[list[int]], group_size: int, spec: GenerationSpec) -> int:
-    """m itself, or with `auto` the largest m whose predicted peak fits `memory_budget_gb`."""
+                  prompts: list[list[int]], group_size: int, spec: GenerationSpec,
+                  peak: Callable[[int], int] | None = None) -> int:
+    """m itself, or with `auto` the largest m whose predicted peak `peak(m)` (default: the
+    copied layout's) fits `memory_budget_gb`."""
     check_slots(micro_group_size, memory_budget_gb)
     if micro_group_size != "auto":
         return micro_group_size
+    peak = peak or (lambda m: predict_peak_bytes(model, prompts, spec, m, "copied"))
     budget = memory_budget_gb * (1 << 30)
     most = len(prompts) * group_size
-    if predict_peak_bytes(model, prompts, spec, 1) > budget:
-        need = predict_peak_bytes(model, prompts, spec, 1) / (1 << 30)
-        raise ValueError(f"memory_budget_gb={memory_budget_gb} is below the {need:.3f} GiB "
-                         "that weights plus one slot need")
+    if peak(1) > budget:
+        raise ValueError(f"memory_budget_gb={memory_budget_gb} is below the "
+                         f"{peak(1) / (1 << 30):.3f} GiB that weights plus one slot need")
     low, high = 1, most  # largest m with predicted peak <= budget (monotone in m)
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if predict_peak_bytes(model, prompts, spec, mid) <= budget \
-            else (low, mid - 1)
+        low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
     return low
 
 
 def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: GenerationSpec,
-              queue: Queue, micro_group_size: int | str,
-              memory_budget_gb: float | None) -> EngineResult:
+              queue: Queue, micro_group_size: int | str, memory_budget_gb: float | None,
+              prompt_kv: str = "shared", rounds: bool = False) -> EngineResult:
     """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
     the predicted peak in the result: in total (what the budget bounds) and above the weights
     (comparable with the measured `memory/peak_sampling_gb`)."""
-    m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec)
-    result = DecodeEngine(model, prompts, spec, slots=m).run(queue)
-    predicted = predict_peak_bytes(model, prompts, spec, m)
+    def peak(m: int) -> int:
+        live = live_prompt_bound(len(prompts), group_size, m, rounds)
+        return predict_peak_bytes(model, prompts, spec, m, prompt_kv, live)
+
+    m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec, peak)
+    result = DecodeEngine(model, prompts, spec, slots=m, prompt_kv=prompt_kv).run(queue)
+    predicted = peak(m)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     result.predicted_peak_bytes = predicted
     result.predicted_sampling_bytes = predicted - weights

@@ -15,21 +15,22 @@ from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import to_rollouts
-from samplers.memory import check_slots, run_slots
+from samplers.memory import check_prompt_kv, check_slots, run_slots
 from samplers.scheduling import SampleQueue, fifo_order
 
 
 class MicroSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8,
-                 memory_budget_gb: float | None = None) -> None:
+                 memory_budget_gb: float | None = None, prompt_kv: str = "shared") -> None:
         check_slots(micro_group_size, memory_budget_gb)
+        check_prompt_kv(prompt_kv)
         self.micro_group_size = micro_group_size
-        self.memory_budget_gb = memory_budget_gb
+        self.memory_budget_gb, self.prompt_kv = memory_budget_gb, prompt_kv
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
         queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
         result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
-                           self.memory_budget_gb)
+                           self.memory_budget_gb, self.prompt_kv, rounds=True)
         return to_rollouts(result, len(prompts), group_size, spec)

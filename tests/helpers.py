@@ -61,6 +61,7 @@ class ScriptedLM(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, past_key_values=None, attention_mask=None,
                 output_hidden_states=False, **kwargs):
+        past_key_values = kwargs.pop("cache", past_key_values)
         from types import SimpleNamespace
 
         n, t = input_ids.shape
@@ -72,7 +73,13 @@ class ScriptedLM(torch.nn.Module):
             keys, _ = past_key_values.update(key, key, 0)  # [n, 1, W, 2]
             valid = attention_mask[:, 0, 0, :] == 0  # [n, W]
             fed = (keys[:, 0, :, 1] * valid).sum(-1)  # completion tokens fed so far
-            target = keys[:, 0, 0, 0]  # [n]: L, from the prompt's first token
+            shared = kwargs.get("shared_prefix")
+            if shared is None:  # prompt_kv=copied: the prompt's KV leads every row
+                target = keys[:, 0, 0, 0]  # [n]: L, from the prompt's first token
+            else:  # prompt_kv=shared: rows hold completion KV, the prompts are apart
+                target = torch.zeros(n, dtype=torch.float64)
+                for i, rows in shared.groups:
+                    target[rows] = shared.keys[i][0][0, 0, 0]
         else:
             cache = SimpleNamespace(layers=[SimpleNamespace(keys=key, values=key)])
             fed, target = torch.zeros(n, dtype=torch.float64), input_ids[:, 0].double()

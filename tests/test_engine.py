@@ -6,7 +6,7 @@ import torch
 
 from samplers.base import GenerationSpec
 from samplers.continuous import ContinuousSampler
-from samplers.memory import predict_peak_bytes, resolve_slots
+from samplers.memory import live_prompt_bound, predict_peak_bytes, resolve_slots
 from samplers.full import FullSampler
 from samplers.micro import MicroSampler
 from samplers.scheduling import (DynamicQueue, SampleQueue, list_schedule_makespan,
@@ -146,12 +146,17 @@ def test_bad_mode():
         ContinuousSampler(4, mode="sometimes")
 
 
-def test_auto_slots_fit_the_budget(model):
-    one = predict_peak_bytes(model, PROMPTS, SPEC, 1)
-    per_slot = predict_peak_bytes(model, PROMPTS, SPEC, 2) - one
-    budget_gb = (one + 5.5 * per_slot) / (1 << 30)
-    assert resolve_slots("auto", budget_gb, model, PROMPTS, 16, SPEC) == 6
-    r = MicroSampler("auto", memory_budget_gb=budget_gb).sample(model, PROMPTS, 16, SPEC)
+@pytest.mark.parametrize("prompt_kv", ["copied", "shared"])
+def test_auto_slots_fit_the_budget(model, prompt_kv):
+    def peak(m):
+        live = live_prompt_bound(len(PROMPTS), 16, m, rounds=True)
+        return predict_peak_bytes(model, PROMPTS, SPEC, m, prompt_kv, live)
+
+    budget_gb = (peak(1) + 5.5 * (peak(2) - peak(1))) / (1 << 30)
+    assert resolve_slots("auto", budget_gb, model, PROMPTS, 16, SPEC, peak) == 6
+    r = MicroSampler("auto", memory_budget_gb=budget_gb, prompt_kv=prompt_kv).sample(
+        model, PROMPTS, 16, SPEC)
     assert r.stats.max_concurrency == 6 and r.stats.slots == 6
+    assert r.stats.peak_kv_bytes <= r.stats.predicted_sampling_bytes
     with pytest.raises(ValueError, match="memory_budget_gb"):
-        resolve_slots("auto", one / 2 / (1 << 30), model, PROMPTS, 16, SPEC)
+        resolve_slots("auto", peak(1) / 2 / (1 << 30), model, PROMPTS, 16, SPEC, peak)

@@ -143,11 +143,21 @@ def test_rollouts_layout_and_stats(model):
     assert h.stats.peak_kv_bytes > 0
 
 
-def test_full_peak_kv_matches_tensor_sizes(model):
-    """G slot rows of (longest prompt + max_new_tokens), plus the prompt's
-    own KV while its samples are being placed."""
+@pytest.mark.parametrize("prompt_kv", ["copied", "shared"])
+def test_full_peak_kv_matches_the_layouts_closed_form(model, prompt_kv):
+    """copied: G slot rows of (longest prompt + max_new_tokens), plus the prompt's own KV while
+    its samples are being placed; shared: G rows of max_new_tokens, plus the one live prompt
+    (the longest, 9 tokens); the planner's prediction bounds it."""
+    from samplers.memory import live_prompt_bound, predict_peak_bytes
+
     spec = GenerationSpec(max_new_tokens=6, eos_token_ids=())
-    r = FullSampler().sample(model, [[1, 2, 3, 4], [5, 6]], 5, spec)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6]]
+    r = FullSampler(prompt_kv).sample(model, prompts, 5, spec)
     cfg = model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8  # float64
-    assert r.stats.peak_kv_bytes == (5 * (4 + 6) + 4) * per_token
+    tokens = 5 * (9 + 6) + 9 if prompt_kv == "copied" else 5 * 6 + 9
+    assert r.stats.peak_kv_bytes == tokens * per_token
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    live = live_prompt_bound(3, 5, 5, rounds=True)
+    predicted = predict_peak_bytes(model, prompts, spec, 5, prompt_kv, live) - weights
+    assert r.stats.peak_kv_bytes <= predicted

@@ -1,0 +1,245 @@
+"""Decode attention over a shared prompt prefix plus each row's own completion (Hydragen-style).
+
+With `prompt_kv: shared` the engine keeps every live prompt's KV once and the slot rows hold
+completion KV only. A decoding row r of prompt i then attends over two key sets, which are
+attended separately and merged exactly with their log-sum-exps (the softmax of a concatenation
+is the lse-weighted mix of the two softmaxes):
+
+    prefix:      q_r against prompt i's keys [Hk, P_i, d]: ONE matrix-matrix product for all the
+                 running rows of prompt i (their queries stacked; Hydragen), GQA by folding the
+                 query-head groups into the query dimension, so KV heads are never repeated
+    completion:  q_r against its own completion keys [Hk, W, d] (masked to its t + 1 columns)
+    merge:       lse = logaddexp(lse_p, lse_c); out = e^(lse_p - lse) out_p + e^(lse_c - lse) out_c
+
+`attention_with_lse` uses PyTorch's fused kernels that return the log-sum-exp (CPU flash SDPA;
+CUDA flash for half precision without a mask, memory-efficient SDPA otherwise) and a plain matmul
+fallback. `shared_prefix_attention` is registered with transformers' `AttentionInterface` as
+"grpo_shared_prefix"; the engine selects it only for its own decode forwards (passing the
+prompts through the `shared_prefix` keyword), so training forwards and `model.generate` never
+see it. Sliding-window layers (the `sliding_window` keyword transformers passes) are masked per
+layer with transformers' rule: a query at position q sees keys at positions p <= q with
+p > q - window.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+NAME = "grpo_shared_prefix"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out, lse) from a fused PyTorch kernel, or None where none applies here."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    if q.device.type == "cuda":
+        if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, False, False, scale=scale)[:2]
+            return out, lse
+        bias = None if mask is None else mask.to(q.dtype).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+        return out, lse[..., : q.shape[2]]  # the kernel may pad the query dimension
+    return None
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precision and float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _matmul_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    wide = lse_dtype(q.dtype)
+    scores = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale  # [B, Hk, M, N]
+    if mask is not None:
+        scores = scores + mask.to(wide)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, M]
+    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows: 0
+    return torch.matmul(weights, v.to(wide)).to(q.dtype), lse
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float,
+                       fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp.
+
+    q [B, Hk, M, d], k and v [B, Hk, N, d] (same head count: fold GQA groups into M first),
+    mask additive float (0 / -inf) broadcastable to [B, Hk, M, N], or None.
+    Returns out [B, Hk, M, d] in q's dtype and lse [B, Hk, M] (float32, float64 for float64
+    inputs); a query that sees no key
+    gets out 0 and lse -inf, so it drops out of a merge.
+    """
+    result = None
+    if fused:
+        try:
+            result = _fused_lse(q, k, v, mask, scale)
+        except (RuntimeError, NotImplementedError):  # shape/dtype the kernel does not take
+            result = None
+    if result is None:
+        return _matmul_lse(q, k, v, mask, scale)
+    out, lse = result
+    lse = lse.to(lse_dtype(q.dtype))
+    if mask is not None:  # kernels disagree on fully masked queries: make them exact zeros
+        seen = torch.isfinite(mask).expand(*q.shape[:3], k.shape[2]).any(-1)  # [B, Hk, M]
+        lse = lse.masked_fill(~seen, float("-inf"))
+        out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+          lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each part's (out, lse)."""
+    lse = torch.logaddexp(lse_a, lse_b)  # [..., M]
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a - safe).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b - safe).nan_to_num(0.0).unsqueeze(-1)
+    return (out_a.to(wa.dtype) * wa + out_b.to(wb.dtype) * wb).to(out_a.dtype)
+
+
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, visible: torch.Tensor | None,
+                window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [R, N] of `visible` (bool [R, N], None = all) cut to transformers'
+    sliding window: key position (long [N]) > query position (long [R]) - window."""
+    keep = visible
+    if window is not None:
+        inside = key_pos[None, :] > (query_pos[:, None] - window)  # [R, N]
+        keep = inside if keep is None else keep & inside
+    if keep is None:
+        return None
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return mask.masked_fill_(~keep, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- the prompts
+
+
+@dataclass
+class SharedPrefix:
+    """What the decode forward's attention needs besides the completion KV of the rows.
+
+    `keys[i][layer]` / `values[i][layer]`: prompt i's KV, [Hk, P_i, d]; `groups`: (prompt i,
+    row indices long [r]) for every prompt with running rows; `prompt_len` and `fed` (long [n]):
+    each row's P and the completion column of the token fed this step (its query position is
+    P + fed); `completion_mask`: additive [n, 1, 1, W] for the completion part.
+    """
+    keys: dict[int, list[torch.Tensor]]
+    values: dict[int, list[torch.Tensor]]
+    groups: list[tuple[int, torch.Tensor]]
+    prompt_len: torch.Tensor
+    fed: torch.Tensor
+    completion_mask: torch.Tensor
+    fused: bool = True
+    _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def completion_mask_for(self, window: int | None) -> torch.Tensor:
+        """The completion part's mask, cut to a sliding window (once per window per step)."""
+        if window is None:
+            return self.completion_mask
+        if window not in self._windowed:
+            width = self.completion_mask.shape[-1]
+            columns = torch.arange(width, device=self.fed.device)
+            visible = columns[None, :] <= self.fed[:, None]  # [n, W]
+            cut = window_mask(self.fed, columns, visible, window, self.completion_mask.dtype)
+            self._windowed[window] = cut[:, None, None, :]
+        return self._windowed[window]
+
+
+def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: float,
+                window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every row's queries [n, H, M, d] over its prompt's KV, one product per
+    prompt; returns out [n, H, M, d] and lse float32 [n, H, M]."""
+    n, heads, queries, dim = query.shape
+    out = query.new_zeros(query.shape)
+    lse = torch.full((n, heads, queries), float("-inf"), device=query.device,
+                     dtype=lse_dtype(query.dtype))
+    for i, rows in prefix.groups:
+        keys, values = prefix.keys[i][layer], prefix.values[i][layer]  # [Hk, P, d]
+        kv_heads, length = keys.shape[0], keys.shape[1]
+        group = heads // kv_heads
+        r = rows.numel()
+        # [r, H, M, d] -> [1, Hk, group * r * M, d]: every query of prompt i against its keys
+        q = query.index_select(0, rows).reshape(r, kv_heads, group * queries, dim)
+        q = q.transpose(0, 1).reshape(1, kv_heads, r * group * queries, dim)
+        mask = None
+        if window is not None:  # rows see different prompt tails: a mask per query
+            positions = (prefix.prompt_len[rows] + prefix.fed[rows])  # [r]
+            cut = window_mask(positions, torch.arange(length, device=q.device), None, window,
+                              q.dtype)  # [r, P]
+            if cut is not None:
+                mask = cut[:, None, :].expand(r, group * queries, length).reshape(
+                    1, 1, r * group * queries, length)
+        o, s = attention_with_lse(q, keys[None], values[None], mask, scale, prefix.fused)
+        o = o.reshape(kv_heads, r, group * queries, dim).transpose(0, 1).reshape(
+            r, heads, queries, dim)
+        s = s.reshape(kv_heads, r, group * queries).transpose(0, 1).reshape(r, heads, queries)
+        out.index_copy_(0, rows, o)
+        lse.index_copy_(0, rows, s)
+    return out, lse
+
+
+def completion_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    mask: torch.Tensor, scale: float,
+                    fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's queries [n, H, M, d] against its own completion KV [n, Hk, W, d]."""
+    n, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    q = query.reshape(n, kv_heads, group * queries, dim)
+    o, s = attention_with_lse(q, key, value, mask, scale, fused)
+    return o.reshape(n, heads, queries, dim), s.reshape(n, heads, queries)
+
+
+def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0,
+                            shared_prefix: SharedPrefix | None = None,
+                            sliding_window: int | None = None,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: prefix + completion, merged; returns
+    ([n, M, H, d], None) like the built-in ones. Without `shared_prefix` it is plain SDPA
+    over (key, value) with `attention_mask`, so a forward that is not the engine's still works.
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if shared_prefix is None:
+        kv_heads = key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scale,
+            enable_gqa=query.shape[1] != kv_heads)
+        return out.transpose(1, 2).contiguous(), None
+    mask = shared_prefix.completion_mask_for(sliding_window)
+    out_p, lse_p = prefix_part(query, shared_prefix, module.layer_idx, scale, sliding_window)
+    out_c, lse_c = completion_part(query, key, value, mask, scale, shared_prefix.fused)
+    return merge(out_p, lse_p, out_c, lse_c).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, shared_prefix_attention)
+# The engine always passes a prepared 4D mask (transformers returns it as is), but a model that
+# builds its own mask under this implementation name gets the SDPA kind.
+AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextmanager
+def shared_prefix_implementation(model: Any) -> Iterator[None]:
+    """Select this attention for the forwards inside the block, then restore the model's own
+    (the config attribute every attention layer reads at call time)."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

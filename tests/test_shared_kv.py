@@ -1,0 +1,91 @@
+"""`prompt_kv: shared` (one KV copy per live prompt, prefix attention merged by log-sum-exp)
+against `copied` and against `model.generate`, with long and short prompts in one batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from predictors import OraclePredictor
+from samplers.base import GenerationSpec
+from samplers.continuous import ContinuousSampler
+from samplers.full import FullSampler
+from samplers.infinite import InfiniteSampler
+from samplers.micro import MicroSampler
+from tests.helpers import tiny_lm
+
+# prompts of 41, 2, 17 and 5 tokens: rows of long and short prompts decode side by side
+PROMPTS = [[(7 * k) % 40 + 1 for k in range(41)], [9, 8], list(range(10, 27)), [20, 21, 4, 5, 6]]
+SPEC = GenerationSpec(max_new_tokens=16, temperature=1.0, eos_token_ids=(3, 5, 7), seed=5)
+
+
+def completions(r) -> list[list[int]]:
+    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
+
+def samplers(prompt_kv: str) -> list:
+    return [FullSampler(prompt_kv), MicroSampler(3, prompt_kv=prompt_kv),
+            ContinuousSampler(3, prompt_kv=prompt_kv),
+            InfiniteSampler(3, probe_tokens=2, prompt_kv=prompt_kv),
+            InfiniteSampler(4, probe_tokens=0, prompt_kv=prompt_kv, predictor=OraclePredictor())]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_schedule_invariance_in_both_layouts(family):
+    """float64: every engine sampler, shared or copied, returns the completions of `full` with
+    copied prompts, although its rows mix prompts of 2 to 41 tokens in one step."""
+    model = tiny_lm(family)
+    reference = FullSampler("copied").sample(model, PROMPTS, 5, SPEC)
+    assert len(set(reference.lengths.tolist())) > 3
+    for prompt_kv in ("shared", "copied"):
+        for sampler in samplers(prompt_kv):
+            r = sampler.sample(model, PROMPTS, 5, SPEC)
+            assert completions(r) == completions(reference), (prompt_kv, type(sampler).__name__)
+            assert torch.equal(r.finished, reference.finished)
+    assert model.config._attn_implementation == "sdpa"  # restored after every decode forward
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_shared_equals_generate_with_prompts_longer_than_completions(family, attn):
+    model = tiny_lm(family, attn=attn)
+    spec = GenerationSpec(max_new_tokens=8, temperature=0.0, eos_token_ids=(3,))
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=8, eos_token_id=3, pad_token_id=3)
+        tokens = out[0, len(prompt):].tolist()
+        expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
+    for sampler in samplers("shared"):
+        r = sampler.sample(model, PROMPTS, 2, spec)
+        assert completions(r) == [e for e in expected for _ in range(2)], type(sampler).__name__
+    assert model.config._attn_implementation == attn
+
+
+def test_shared_layout_holds_each_live_prompt_once():
+    """continuous, m = 3, G = 4 over prompts of 41, 2, 17, 5 tokens (float64 tiny model):
+    copied peaks at 3 rows of (41 + 16) plus the prompts being placed; shared at 3 rows of 16
+    plus at most the live prompts, and never more than m + 1 of them."""
+    model = tiny_lm("llama")
+    cfg = model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8
+    peaks = {kv: ContinuousSampler(3, prompt_kv=kv).sample(model, PROMPTS, 4, SPEC)
+             .stats.peak_kv_bytes for kv in ("copied", "shared")}
+    assert peaks["copied"] >= 3 * (41 + 16) * per_token
+    assert 3 * 16 * per_token + 41 * per_token <= peaks["shared"]
+    assert peaks["shared"] <= (3 * 16 + 41 + 17 + 5 + 2) * per_token < peaks["copied"]
+
+
+def test_training_forward_is_untouched_by_a_shared_run():
+    model = tiny_lm("qwen3")
+    ids = torch.tensor([[4, 9, 12, 30, 2, 7]])
+    before = model(input_ids=ids).logits
+    FullSampler("shared").sample(model, [ids[0].tolist()], 3, SPEC)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [FullSampler, MicroSampler, ContinuousSampler, InfiniteSampler])
+def test_bad_prompt_kv_names_the_setting(cls):
+    with pytest.raises(ValueError, match="prompt_kv must be one of"):
+        cls(prompt_kv="both") if cls is not MicroSampler else cls(2, prompt_kv="both")
