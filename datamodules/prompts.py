@@ -176,7 +176,8 @@ class PromptDataModule(LightningDataModule):
     """Prompts from a zero-argument `source` callable, tokenised with the policy's chat template.
 
     Args:
-        source: returns records `{"question": str, "answer": str | None}` (see `sources.py`).
+        source: returns records `{"question": str, "answer": str | None}`, optionally with
+            `"system": str` (appended to the system message), see `sources.py`.
         tokenizer: a HF tokenizer; its chat template is used when it has one.
         batch_size: prompts per rank per training step.
         val_size: records held out for validation (chosen with `seed`).
@@ -246,15 +247,17 @@ class PromptDataModule(LightningDataModule):
         self.val_items = [self._item(i, records[i]) for i in val_indices]
         self.train_items = [self._item(i, records[i]) for i in train_indices]
 
-    def messages(self, question: str) -> list[dict[str, str]]:
-        """Chat messages for one question: optional system message, then the user turn."""
+    def messages(self, question: str, system: str | None = None) -> list[dict[str, str]]:
+        """Chat messages for one question: an optional system message (`system_prompt`, then the
+        record's own `system` text), then the user turn."""
         content = f"{question}\n\n{self.instruction}" if self.instruction else question
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*system, {"role": "user", "content": content}]
+        system = "\n\n".join(text for text in (self.system_prompt, system) if text)
+        head = [{"role": "system", "content": system}] if system else []
+        return [*head, {"role": "user", "content": content}]
 
-    def prompt_text(self, question: str) -> str:
+    def prompt_text(self, question: str, system: str | None = None) -> str:
         """The prompt string fed to the tokenizer (chat template, or plain text without one)."""
-        messages = self.messages(question)
+        messages = self.messages(question, system)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
@@ -265,7 +268,11 @@ class PromptDataModule(LightningDataModule):
         question = record.get("question")
         if not isinstance(question, str):
             raise ValueError(f"record {index} has no string 'question': {record!r}")
-        ids = self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"]
+        system = record.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"record {index}: 'system' must be a string or absent, got {system!r}")
+        text = self.prompt_text(question, system)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise ValueError(
                 f"record {index}: prompt has {len(ids)} tokens, more than "

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, output_cache,
                            pack_rollouts, sample_tokens, uniforms)
@@ -128,11 +129,16 @@ class Suspended:
 
 def prefill(model: Any, prompt: list[int], device: torch.device,
             hidden: bool = False) -> PromptKV:
-    """Run the prompt once; keep its KV and next-token logits (and last hidden state)."""
+    """Run the prompt once; keep its KV and next-token logits (and last hidden state).
+
+    The forward gets a plain `DynamicCache`: one built from the config would keep only the
+    last `sliding_window` tokens of sliding-window layers, and every decode step needs the
+    prompt's keys at their true columns (the window is applied by the decode masks)."""
     length = len(prompt)
     out = model(input_ids=torch.tensor([prompt], device=device),
                 position_ids=torch.arange(length, device=device)[None], use_cache=True,
-                logits_to_keep=1, output_hidden_states=hidden)
+                logits_to_keep=1, output_hidden_states=hidden,
+                **{cache_keyword(model): DynamicCache()})
     layers = output_cache(out).layers
     return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
                     out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None)
@@ -166,6 +172,9 @@ class DecodeEngine:
         # shared: slot rows hold completion KV only; copied: prompt + completion
         self.capacity = spec.max_new_tokens + (0 if self.shared else max(map(len, prompts)))
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
+        reach = max(map(len, prompts)) + spec.max_new_tokens  # positions are < reach
+        # copied rows need windowed masks only where a window is shorter than the sequence
+        self.windowed = any(w is not None and w < reach for w in layer_windows(model.config))
         self.shared_store = store
         self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
         self.resume = dict(resume or {})  # popped as the samples are placed
@@ -377,11 +386,14 @@ class _Run:
         mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]  # [n, 1, 1, W]
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
         extra, context = {}, nullcontext()
+        if not self.e.shared and self.e.windowed:
+            mask = self.windowed_masks(mask, positions)
         if self.e.shared:
             extra["shared_prefix"] = SharedPrefix(
                 {i: kv.keys for i, kv in self.store.items()},
                 {i: kv.values for i, kv in self.store.items()},
-                prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask)
+                prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask,
+                reach=int(positions.max()) + 1)
             context = shared_prefix_implementation(self.e.model)
         with context:
             out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],
@@ -393,7 +405,32 @@ class _Run:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
 
 
+    def windowed_masks(self, mask: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Copied layout: column c of a row holds position c, so a sliding-window layer hides
+        c <= position - window as transformers' own masks do. Models with `layer_types` take a
+        mask per layer type; the others (Mistral) one window for every layer."""
+        window = min(w for w in layer_windows(self.e.model.config) if w)
+        columns = torch.arange(mask.shape[-1], device=mask.device)
+        outside = columns[None, :] <= (positions[:, None] - window)  # [n, W]
+        windowed = mask.masked_fill(outside[:, None, None, :], float("-inf"))
+        if getattr(self.e.model.config, "layer_types", None) is None:
+            return windowed
+        return {"full_attention": mask, "sliding_attention": windowed}
+
+
 # ----------------------------------------------------------------------------- helpers
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None = full attention), as the model's attention reads it:
+    `layer_types` where the config has them (Qwen3, Qwen2, ...), else `sliding_window` for
+    every layer (Mistral), else none (Llama)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * text.num_hidden_layers
 
 
 def prompt_groups(prompt_id: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -142,8 +142,15 @@ class SharedPrefix:
     prompt_len: torch.Tensor
     fed: torch.Tensor
     completion_mask: torch.Tensor
+    reach: int | None = None  # 1 + the largest query position: a window >= it hides nothing
     fused: bool = True
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def effective(self, window: int | None) -> int | None:
+        """The window, or None where it is at least as long as every row's sequence."""
+        if window is None or (self.reach is not None and window >= self.reach):
+            return None
+        return window
 
     def completion_mask_for(self, window: int | None) -> torch.Tensor:
         """The completion part's mask, cut to a sliding window (once per window per step)."""
@@ -220,6 +227,7 @@ def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
             query, key, value, attn_mask=attention_mask, scale=scale,
             enable_gqa=query.shape[1] != kv_heads)
         return out.transpose(1, 2).contiguous(), None
+    sliding_window = shared_prefix.effective(sliding_window)
     mask = shared_prefix.completion_mask_for(sliding_window)
     out_p, lse_p = prefix_part(query, shared_prefix, module.layer_idx, scale, sliding_window)
     out_c, lse_c = completion_part(query, key, value, mask, scale, shared_prefix.fused)

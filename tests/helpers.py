@@ -29,12 +29,14 @@ FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig
 
 
 def tiny_lm(family: str = "llama", vocab_size: int = 48, attn: str = "sdpa",
-            dtype: torch.dtype = torch.float64, seed: int = 0, max_positions: int = 256) -> Any:
-    """A 2-layer random-init causal LM of the given family, in eval mode."""
+            dtype: torch.dtype = torch.float64, seed: int = 0, max_positions: int = 256,
+            **config_overrides: Any) -> Any:
+    """A 2-layer random-init causal LM of the given family, in eval mode; `config_overrides`
+    go to its config (e.g. sliding_window=5)."""
     config = FAMILIES[family](
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
-        head_dim=8, tie_word_embeddings=True)
+        head_dim=8, tie_word_embeddings=True, **config_overrides)
     config._attn_implementation = attn
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -65,7 +67,8 @@ class ScriptedLM(torch.nn.Module):
         from types import SimpleNamespace
 
         n, t = input_ids.shape
-        decoding = past_key_values is not None
+        # the engine's prefill passes an empty DynamicCache; its decode steps a SlotCache
+        decoding = past_key_values is not None and hasattr(past_key_values, "write_cols")
         key = torch.stack([input_ids.double(), torch.full_like(input_ids, int(decoding),
                                                                dtype=torch.float64)], -1)
         key = key[:, None] * self.scale  # [n, 1 head, t, 2]

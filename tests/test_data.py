@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import sources
 from datamodules.prompts import PromptDataModule, ResumableDataLoader, ShardedSampler
+from modules.rewards import format_reward, gsm8k_reward
+from tests.conftest import compose_config
 
 
 def _toy_source(n: int) -> list[dict]:
@@ -80,6 +83,208 @@ def test_source_errors(tmp_path: Path) -> None:
     bad.write_text('{"answer": "1"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1 has no string field 'question'"):
         sources.gsm8k(source="jsonl", path=str(bad))
+
+
+# ---- long prompts: few-shot GSM8K and chat with reference material -----------------------------
+
+_EXAMPLE = re.compile(r"Question: (.*?)\nAnswer: (.*?)\n#### (\S+)\n\n", re.DOTALL)
+
+
+def _header(shot: dict, plain: dict) -> str:
+    """The few-shot part of `shot`'s question: everything before "Question: <plain question>"."""
+    suffix = f"Question: {plain['question']}"
+    assert shot["question"].endswith(suffix) and shot["answer"] == plain["answer"]
+    return shot["question"][: -len(suffix)]
+
+
+def _rg_items(size: int, seed: int) -> list[dict]:
+    import reasoning_gym
+
+    return list(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed))
+
+
+def test_gsm8k_few_shot_zero_is_unchanged() -> None:
+    expected = [{"question": it["question"], "answer": str(it["answer"])} for it in _rg_items(5, 1)]
+    assert sources.gsm8k(size=5, seed=1) == expected
+    assert sources.gsm8k(size=5, seed=1, few_shot=0) == expected
+
+
+def test_gsm8k_few_shot_header_is_fixed_real_and_not_a_question() -> None:
+    plain = sources.gsm8k(size=6, seed=1)
+    shots = sources.gsm8k(size=6, seed=1, few_shot=3)
+    headers = {_header(s, p) for s, p in zip(shots, plain)}
+    assert len(headers) == 1  # one header for every question
+    header = headers.pop()
+    examples = _EXAMPLE.findall(header)
+    assert (
+        len(examples) == 3
+        and "".join(f"Question: {q}\nAnswer: {a}\n#### {n}\n\n" for q, a, n in examples) == header
+    )
+    assert not any(p["question"] in header for p in plain)
+    # real generator items: the worked solution is the item's own, graded right by the rewards
+    pool = {it["question"]: it for it in _rg_items(32, 1 + sources.FEW_SHOT_SEED_OFFSET)}
+    for question, steps, final in examples:
+        item = pool[question]
+        assert final == str(item["answer"])
+        assert steps in item["metadata"]["answer_cot"]
+        solution = f"{steps}\n#### {final}"
+        assert gsm8k_reward([solution], [str(item["answer"])]) == [1.0]
+        assert format_reward([solution]) == [1.0]
+    assert sources.gsm8k(size=6, seed=1, few_shot=3) == shots  # deterministic
+    # the header depends on the seed only, and k examples are the first k of k + 1
+    assert _header(sources.gsm8k(size=2, seed=1, few_shot=3)[1], plain[1]) == header
+    assert _header(sources.gsm8k(size=6, seed=1, few_shot=4)[0], plain[0]).startswith(header)
+    other_seed = sources.gsm8k(size=1, seed=2, few_shot=3)[0], sources.gsm8k(size=1, seed=2)[0]
+    assert _header(*other_seed) != header
+
+
+def test_gsm8k_few_shot_lengthens_prompts_by_the_examples(char_tokenizer) -> None:
+    def prompt_lengths(few_shot: int) -> dict[int, int]:
+        source = functools.partial(sources.gsm8k, size=8, seed=0, few_shot=few_shot)
+        dm = PromptDataModule(source, char_tokenizer, val_size=2)
+        dm.setup()
+        return {x["index"]: len(x["prompt_ids"]) for x in dm.train_items + dm.val_items}
+
+    base, longer = prompt_lengths(0), prompt_lengths(2)
+    deltas = {longer[i] - base[i] for i in base}
+    assert len(deltas) == 1  # the same header before every question
+    # expected: the two examples' question + worked solution (one char = one token here), labels
+    header = _header(sources.gsm8k(size=1, seed=0, few_shot=2)[0], sources.gsm8k(size=1, seed=0)[0])
+    pool = {it["question"]: it for it in _rg_items(32, sources.FEW_SHOT_SEED_OFFSET)}
+    chosen = [pool[q] for q, _, _ in _EXAMPLE.findall(header)]
+    expected = sum(len(it["question"]) + len(it["metadata"]["answer_cot"]) for it in chosen)
+    expected += 2 * len("Question: \nAnswer: \n\n") + len("Question: ")
+    assert abs(deltas.pop() - expected) <= 4  # "#### 24.0" in a solution is written "#### 24"
+
+
+def test_gsm8k_few_shot_from_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "gsm.jsonl"
+    rows = [
+        {"question": "q1", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"},
+        {"question": "q2", "answer": "3"},
+        {"question": "q3", "answer": "#### 4"},
+        {"question": "q1", "answer": "a repeat of a question is never an example\n#### 2"},
+        {"question": "q4"},  # no answer: not an example
+        {"question": "q5", "answer": "2 * 3 = <<2*3=6>>6 cups\n#### 6"},
+        {"question": "q6", "answer": 7},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = sources.gsm8k(source="jsonl", path=str(path), size=3, few_shot=2)
+    header = "Question: q5\nAnswer: 2 * 3 = 6 cups\n#### 6\n\nQuestion: q6\nAnswer: #### 7\n\n"
+    assert records == [
+        {"question": f"{header}Question: q1", "answer": "2"},
+        {"question": f"{header}Question: q2", "answer": "3"},
+        {"question": f"{header}Question: q3", "answer": "4"},
+    ]
+    everything = sources.gsm8k(source="jsonl", path=str(path), size=None, few_shot=1)
+    assert len(everything) == 6 and everything[0]["question"].startswith("Question: q6\n")
+    with pytest.raises(ValueError, match=r"few_shot=3 is larger than the pool .* has 2 usable"):
+        sources.gsm8k(source="jsonl", path=str(path), size=3, few_shot=3)
+    with pytest.raises(ValueError, match=r"few_shot=7 leaves no questions"):
+        sources.gsm8k(source="jsonl", path=str(path), size=None, few_shot=7)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+def test_gsm8k_bad_few_shot(bad) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"few_shot must be an int >= 0, got {bad!r}")):
+        sources.gsm8k(size=4, few_shot=bad)
+
+
+def _passage_words(n: int) -> str:
+    """The first n words of the shipped passages, read here independently of the source."""
+    lines = sources.PASSAGES.read_text(encoding="utf-8").splitlines()
+    words = " ".join(json.loads(line)["text"] for line in lines if line.strip()).split()
+    return " ".join(words[:n])
+
+
+def test_chat_context_is_fixed_reference_material() -> None:
+    plain = sources.chat(size=4)
+    assert all(set(r) == {"question", "answer"} for r in plain)
+    assert sources.chat(size=4, context=None) == plain
+    records = sources.chat(size=4, context="passages", context_words=120)
+    assert [{"question": r["question"], "answer": r["answer"]} for r in records] == plain
+    systems = {r["system"] for r in records}
+    assert len(systems) == 1  # the same reference material in every prompt
+    system = systems.pop()
+    body = system.removeprefix("Reference material:\n\n")
+    assert body != system and len(body.split()) == 120
+    assert " ".join(body.split()) == _passage_words(120)  # real text, line breaks aside
+    assert "\n\n" in body  # passages stay separate paragraphs
+    assert sources.chat(size=4, context="passages", context_words=120) == records
+    whole = sources.chat(size=1, context="passages")[0]["system"]
+    assert whole.startswith(system) and len(whole.split()) == 2 + len(_passage_words(10**6).split())
+
+
+def test_chat_context_from_a_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("  one two\nthree   four five\n")
+    (record,) = sources.chat(size=1, context=str(path), context_words=3)
+    assert record["system"] == "Reference material:\n\none two\nthree"
+    (record,) = sources.chat(size=1, context=str(path))
+    assert record["system"] == "Reference material:\n\none two\nthree   four five"
+
+
+def test_chat_context_lengthens_prompts_by_the_system_message(char_tokenizer) -> None:
+    def items(**context) -> list[dict]:
+        source = functools.partial(sources.chat, size=6, **context)
+        dm = PromptDataModule(
+            source, char_tokenizer, val_size=1, instruction=None, system_prompt="Be brief."
+        )
+        dm.setup()
+        return dm.train_items + dm.val_items
+
+    base = items()
+    longer = items(context="passages", context_words=200)
+    system = sources.chat(size=1, context="passages", context_words=200)[0]["system"]
+    added = len(char_tokenizer(f"\n\n{system}", add_special_tokens=False)["input_ids"])
+    assert added > 1000  # 200 words of prose
+    for short, long in zip(base, longer):
+        assert len(long["prompt_ids"]) - len(short["prompt_ids"]) == added
+        text = char_tokenizer.decode(long["prompt_ids"])
+        assert text.startswith("<|im_start|>system\nBe brief.\n\nReference material:\n\nA ")
+    assert items(context="passages", context_words=200) == longer  # deterministic
+
+
+def test_chat_bad_context(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"context must be None, one of \('passages',\) or"):
+        sources.chat(context="nope")
+    with pytest.raises(ValueError, match=r"context_words=5 needs a context"):
+        sources.chat(context_words=5)
+    for bad in (0, -3, 10**6):
+        with pytest.raises(ValueError, match=r"context_words must be an int in \[1, 1885\]"):
+            sources.chat(context="passages", context_words=bad)
+    with pytest.raises(ValueError, match=r"context_words must be an int >= 1 or None, got '9'"):
+        sources.chat(context="passages", context_words="9")
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    with pytest.raises(ValueError, match="has no text"):
+        sources.chat(context=str(empty))
+
+
+def test_record_system_must_be_a_string(char_tokenizer) -> None:
+    records = [{"question": "q", "answer": None, "system": 3}, {"question": "r", "answer": None}]
+    dm = PromptDataModule(lambda: records, char_tokenizer, val_size=1)
+    with pytest.raises(ValueError, match=r"record 0: 'system' must be a string or absent, got 3"):
+        dm.setup()
+
+
+def test_long_prompt_config_keys() -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["data=gsm8k", "data.source.size=2", "data.source.few_shot=2"])
+    assert cfg.data.source.few_shot == 2
+    assert instantiate(cfg.data.source)()[0]["question"].count("Question: ") == 3
+    cfg = compose_config(
+        [
+            "data=chat",
+            "data.source.size=1",
+            "data.source.context=passages",
+            "data.source.context_words=7",
+        ]
+    )
+    (record,) = instantiate(cfg.data.source)()
+    assert len(record["system"].split()) == 2 + 7
+    assert compose_config(["data=chat"]).data.source.context is None
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------

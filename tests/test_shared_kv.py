@@ -89,3 +89,34 @@ def test_training_forward_is_untouched_by_a_shared_run():
 def test_bad_prompt_kv_names_the_setting(cls):
     with pytest.raises(ValueError, match="prompt_kv must be one of"):
         cls(prompt_kv="both") if cls is not MicroSampler else cls(2, prompt_kv="both")
+
+
+WINDOWED = {  # window 5, shorter than prompt + completion; Qwen3: layer 0 full, layer 1 sliding
+    "mistral": dict(sliding_window=5, initializer_range=0.5),
+    "qwen3": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                  initializer_range=0.5),
+}  # the larger init keeps greedy completions varied (at 0.02 they repeat one token)
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("prompt_kv", ["shared", "copied"])
+def test_sliding_window_models_equal_generate(family, attn, prompt_kv):
+    """A window shorter than the sequence, per layer (transformers' own masks in generate):
+    greedy completions of every engine sampler equal `model.generate`'s."""
+    model = tiny_lm(family, attn=attn, **WINDOWED[family])
+    spec = GenerationSpec(max_new_tokens=10, temperature=0.0, eos_token_ids=(3,))
+    prompts = [PROMPTS[0][:12], [9, 8], PROMPTS[2]]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=10, eos_token_id=3, pad_token_id=3)
+        tokens = out[0, len(prompt):].tolist()
+        expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
+    unwindowed = tiny_lm(family, attn=attn, initializer_range=0.5)  # no window: it matters
+    plain = FullSampler(prompt_kv).sample(unwindowed, prompts, 1, spec)
+    assert completions(plain) != expected
+    for sampler in samplers(prompt_kv):
+        r = sampler.sample(model, prompts, 2, spec)
+        assert completions(r) == [e for e in expected for _ in range(2)], type(sampler).__name__
