@@ -18,12 +18,13 @@ from omegaconf import DictConfig
 
 from bench.core import CONFIGS, Bench, Table, plot_gantts, write
 from bench.lengths import table_predictor, table_record, table_scheduler
+from bench.prompt_kv import table_prompt_kv
 from bench.sampling import table_dynamic, table_memory, table_sweep, table_throughput
 
 TABLES: dict[str, Callable[[Bench], Table]] = {
     "memory": table_memory, "sweep": table_sweep, "throughput": table_throughput,
     "dynamic": table_dynamic, "record": table_record, "predictor": table_predictor,
-    "scheduler": table_scheduler}
+    "scheduler": table_scheduler, "prompt_kv": table_prompt_kv}
 
 
 def header(bench: Bench) -> str:

@@ -1,0 +1,81 @@
+"""Table F: `prompt_kv: copied` vs `shared` over prompt lengths (issue 10).
+
+    python -m bench table=prompt_kv                       # P ~ 114, 583, 2036 (few_shot 0, 2, 12)
+
+For each few-shot setting of the GSM8K-style data (the same question, k worked examples before
+it) and each sampler of `prompt_kv.samplers` (`full` at G, `micro` at m), both layouts run on the
+same prompt and seed. Columns: measured peak sampling memory, the sampler's own KV, the shared
+layout's closed form (live P + m·L with L = max_new_tokens), tokens/s and decoding-phase ms per
+step. The `bare forward` rows time a plain transformers loop on the same batch (m rows of the
+prompt in a DynamicCache, one token per row per step) as the per-step reference, and the `auto`
+rows give `micro` one `memory_budget_gb` in both layouts.
+"""
+from __future__ import annotations
+
+import time
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from bench.core import Bench, Row, Table, make_sampler
+from callbacks.memory import GB
+from samplers.base import cache_keyword, output_cache
+from samplers.memory import kv_bytes_per_token
+
+
+def prompt_of(b: Bench, few_shot: int) -> list[int]:
+    """The bench's first prompt with `few_shot` worked examples before its question."""
+    node = OmegaConf.to_container(b.cfg.data, resolve=True)
+    node["source"]["few_shot"] = few_shot
+    data = hydra.utils.instantiate(node, tokenizer=b.tokenizer, batch_size=1)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))["prompt_ids"][0]
+
+
+def bare_forward_ms(b: Bench, prompt: list[int], rows: int, steps: int) -> float:
+    """ms per step of a plain transformers decode loop: `rows` copies of the prompt prefilled
+    into one DynamicCache, then `steps` one-token forwards (greedy feed, no sampling cost)."""
+    ids = torch.tensor([prompt] * rows, device=b.device)
+    keyword = cache_keyword(b.model)
+    with torch.inference_mode():
+        out = b.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = b.model(input_ids=token, use_cache=True, **{keyword: cache})
+            cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        return (time.perf_counter() - start) / steps * 1000
+
+
+def table_prompt_kv(b: Bench) -> Table:
+    cfg, g, m = b.cfg.prompt_kv, b.cfg.group_size, b.cfg.micro_group_size
+    per_token = kv_bytes_per_token(b.model.config, next(b.model.parameters()).dtype)
+    new = b.spec.max_new_tokens
+    rows: list[Row] = []
+    for few_shot in cfg.few_shot:
+        prompt = prompt_of(b, few_shot)
+        p = len(prompt)
+        for name in cfg.samplers:
+            slots = g if name == "full" else m
+            for layout in ("copied", "shared"):
+                options = {} if name == "full" else {"micro_group_size": m}
+                sampler = make_sampler(name, prompt_kv=layout, **options)
+                row = b.measure(f"{name} {layout}", sampler, g, slots, prompts=[prompt],
+                                P=p, prompt_kv=layout)
+                closed = (p + slots * new) if layout == "shared" else slots * (p + new) + p
+                row.update(closed_kv_gb=closed * per_token / GB,
+                           ms_per_step=row["wall_s"] / max(1, row["steps"]) * 1000)
+                rows.append(row)
+        for batch in sorted({m, g}):
+            rows.append(dict(sampler=f"bare forward x{batch}", G=None, m=batch, P=p,
+                             ms_per_step=bare_forward_ms(b, prompt, batch, cfg.bare_steps)))
+        if cfg.budget_gb:
+            for layout in ("copied", "shared"):
+                sampler = make_sampler("micro", micro_group_size="auto",
+                                       memory_budget_gb=cfg.budget_gb, prompt_kv=layout)
+                row = b.measure(f"micro auto {layout}", sampler, g, None, prompts=[prompt],
+                                P=p, prompt_kv=layout, budget_gb=cfg.budget_gb)
+                row["ms_per_step"] = row["wall_s"] / max(1, row["steps"]) * 1000
+                rows.append(row)
+    return Table(rows)
