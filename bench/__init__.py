@@ -10,7 +10,7 @@
     python -m bench table=scheduler data=chat max_new_tokens=512   # Table C: scheduler x predictor
     python -m bench table=memory data=chat policy=tiny             # any data / policy group works
     python -m bench table=throughput 'samplers=[micro,continuous]' # the samplers a table compares
-    python -m bench table=prompt_kv                                # Table F: copied vs shared prompt KV
+    python -m bench table=prompt_kv                                # Table F: copied vs shared KV
 
 Samplers are built from `configs/sampler/<name>.yaml` as training builds them (`core.make_sampler`),
 so a new sampler config joins a table by name in `samplers=`. Options: `configs/bench.yaml`.

@@ -148,6 +148,7 @@ class Bench:
                    kv_gb=stats.peak_kv_bytes / GB, avg_len=sum(lengths) / len(lengths),
                    steps=stats.decoding_steps, lb=steps_lower_bound(lengths, m),
                    wall_s=stats.wall_time_s, tok_s=stats.generated_tokens / stats.wall_time_s,
+                   decode_s=stats.wall_time_s - stats.prefill_time_s,
                    truncated=float((~rollouts.finished).float().mean()), **extra)
         if self.answers[0] is not None and prompts is self.prompts:
             texts = self.tokenizer.batch_decode(

@@ -53,6 +53,7 @@ class SamplingStats:
     max_concurrency: int  # max rows decoded in one step
     wall_time_s: float
     # Set by the samplers that have them (None / empty / 0 otherwise):
+    prefill_time_s: float = 0.0  # engine samplers: the part of wall_time_s spent in prefills
     slots: int | None = None  # m rows the engine decodes on (engine samplers)
     slot_trace: list[SlotSpan] = field(default_factory=list)  # the steps each sample held a slot
     predicted_peak_bytes: int | None = None  # the memory planner's peak: weights + KV + logits

@@ -1,20 +1,26 @@
 """Decode engine over a transformers causal LM: prefill once, slot KV cache, step, refill.
 
-The engine owns m slot rows of KV memory, each `capacity` columns wide (longest prompt +
-max_new_tokens). A sample placed in a slot gets its prompt's KV copied
-into the row's first P columns (the prompt was prefilled once, with `logits_to_keep=1`) and
-writes its own tokens after them; positions and the float 0/-inf attention mask are per row,
-so rows of different prompts and ages decode side by side. A finished slot is refilled at the
-next step with whatever the queue hands out, without any new prompt prefill.
+The engine owns m slot rows of KV memory (samplers/kv.py). Each prompt is prefilled once (with
+`logits_to_keep=1`) and its KV kept in a store. Two layouts (`prompt_kv`):
+- shared (default): a row holds its sample's completion KV only (max_new_tokens columns); the
+  store keeps each live prompt's KV once, until its last sample ends, and the decode attention
+  is prompt part + completion part merged by log-sum-exp (samplers/prefix_attention.py), one
+  prefix product per prompt for all its rows;
+- copied: a row holds its prompt's KV in its first P columns, then its own tokens (longest
+  prompt + max_new_tokens columns), decoded by the model's own attention.
+Positions and the float 0/-inf masks are per row (sliding-window layers get their own), so rows
+of different prompts and ages decode side by side. A finished slot is refilled at the next
+step with whatever the queue hands out, without any new prompt prefill.
 
 One step = one batched forward + one token for every running row:
 
     queue.admit(free slots)  ->  sample a token per running row  ->  retire finished rows
     -> forward the surviving rows' tokens (running rows are kept dense in rows [0, n))
 
-Invariant: a running row r holding sample (i, j) with t tokens has exactly P_i + t valid KV
-columns [0, P_i + t) and its next token is drawn with `uniforms(seed, i, j, t)`, so a sample's
-tokens do not depend on its slot, its neighbours or when it started (schedule invariance).
+Invariant: a running row r holding sample (i, j) with t tokens has exactly t valid completion
+KV columns (after its P_i prompt columns when copied) and its next token is drawn with
+`uniforms(seed, i, j, t)`, so a sample's tokens do not depend on its slot, its neighbours or
+when it started (schedule invariance).
 
 Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous.py):
 `admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
@@ -35,11 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from transformers import DynamicCache
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, output_cache,
-                           pack_rollouts, sample_tokens, uniforms)
-from samplers.prefix_attention import SharedPrefix, shared_prefix_implementation
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, pack_rollouts,
+                           sample_tokens, uniforms)
+from samplers.kv import PromptKV, SlotCache, Suspended, kv_geometry, prefill
+from samplers.prefix_attention import (SharedPrefix, layer_windows, prompt_groups,
+                                       shared_prefix_implementation, windowed_masks)
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 PROMPT_KV = ("shared", "copied")
@@ -64,90 +71,11 @@ class EngineResult:
     max_concurrency: int
     slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
     wall_time_s: float
+    prefill_time_s: float = 0.0  # the part of wall_time_s spent in prompt forwards
     slots: int | None = None
     predicted_peak_bytes: int | None = None  # set by the samplers that plan memory
     predicted_sampling_bytes: int | None = None
     suspended: dict[SampleId, Suspended] = field(default_factory=dict)
-
-
-class SlotCache:
-    """A duck-typed transformers Cache: fixed [m, heads, capacity, head_dim] K/V per layer.
-
-    `update` writes this step's K/V of row r < `rows` at column `write_cols[r]` and returns
-    rows [0, rows) and columns [0, width) (a view, no copy); the mask hides what a row must
-    not see.
-    """
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.keys, self.values = keys, values
-        self.rows = keys[0].shape[0]
-        self.write_cols = torch.zeros(self.rows, dtype=torch.long, device=keys[0].device)
-        self.width = 1
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = self.keys[layer_idx][: self.rows]  # [n, h, C, d]
-        values = self.values[layer_idx][: self.rows]
-        index = self.write_cols.view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[3])
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
-        return keys[:, :, : self.width], values[:, :, : self.width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-
-@dataclass
-class PromptKV:
-    """A prefilled prompt: its KV (per layer [h, P, d]) and the logits of its last token."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    logits: torch.Tensor  # [V]
-    hidden: torch.Tensor | None = None  # [H]: last hidden state at the prompt's last token
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-
-@dataclass
-class Suspended:
-    """A probed sample parked outside the slots: its completion KV and tokens so far."""
-    keys: list[torch.Tensor]  # per layer [h, k, d]: KV of completion tokens 0..k-1
-    values: list[torch.Tensor]
-    tokens: list[int]  # k + 1 tokens; the last one is sampled but not yet fed to the model
-    hidden: torch.Tensor | None = None  # [H] at the last fed token (the prompt's when k = 0)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-
-def prefill(model: Any, prompt: list[int], device: torch.device,
-            hidden: bool = False) -> PromptKV:
-    """Run the prompt once; keep its KV and next-token logits (and last hidden state).
-
-    The forward gets a plain `DynamicCache`: one built from the config would keep only the
-    last `sliding_window` tokens of sliding-window layers, and every decode step needs the
-    prompt's keys at their true columns (the window is applied by the decode masks)."""
-    length = len(prompt)
-    out = model(input_ids=torch.tensor([prompt], device=device),
-                position_ids=torch.arange(length, device=device)[None], use_cache=True,
-                logits_to_keep=1, output_hidden_states=hidden,
-                **{cache_keyword(model): DynamicCache()})
-    layers = output_cache(out).layers
-    return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
-                    out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None)
-
-
-def kv_geometry(prompt: PromptKV) -> tuple[int, int, int, torch.dtype]:
-    """(layers, kv heads, head dim, dtype) read off a real prefill, whatever the family."""
-    keys = prompt.keys[0]
-    return len(prompt.keys), keys.shape[0], keys.shape[2], keys.dtype
 
 
 class DecodeEngine:
@@ -221,8 +149,10 @@ class _Run:
 
     def prompt_kv(self, i: int) -> PromptKV:
         if i not in self.store:
+            start = time.perf_counter()
             self.store[i] = prefill(self.e.model, self.e.prompts[i], self.e.device,
                                     self.e.capture_hidden)
+            self.result.prefill_time_s += time.perf_counter() - start
             self.result.prefill_passes += 1
             self.result.prefill_tokens += len(self.e.prompts[i])
             if self.cache is None:
@@ -387,7 +317,7 @@ class _Run:
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
         extra, context = {}, nullcontext()
         if not self.e.shared and self.e.windowed:
-            mask = self.windowed_masks(mask, positions)
+            mask = windowed_masks(self.e.model.config, mask, positions)
         if self.e.shared:
             extra["shared_prefix"] = SharedPrefix(
                 {i: kv.keys for i, kv in self.store.items()},
@@ -405,39 +335,7 @@ class _Run:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
 
 
-    def windowed_masks(self, mask: torch.Tensor, positions: torch.Tensor) -> Any:
-        """Copied layout: column c of a row holds position c, so a sliding-window layer hides
-        c <= position - window as transformers' own masks do. Models with `layer_types` take a
-        mask per layer type; the others (Mistral) one window for every layer."""
-        window = min(w for w in layer_windows(self.e.model.config) if w)
-        columns = torch.arange(mask.shape[-1], device=mask.device)
-        outside = columns[None, :] <= (positions[:, None] - window)  # [n, W]
-        windowed = mask.masked_fill(outside[:, None, None, :], float("-inf"))
-        if getattr(self.e.model.config, "layer_types", None) is None:
-            return windowed
-        return {"full_attention": mask, "sliding_attention": windowed}
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def layer_windows(config: Any) -> list[int | None]:
-    """Each layer's sliding window (None = full attention), as the model's attention reads it:
-    `layer_types` where the config has them (Qwen3, Qwen2, ...), else `sliding_window` for
-    every layer (Mistral), else none (Llama)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
-    if types is not None:
-        return [window if kind == "sliding_attention" else None for kind in types]
-    return [window] * text.num_hidden_layers
-
-
-def prompt_groups(prompt_id: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(prompt, its row indices) for every prompt among the running rows (one device sync)."""
-    order = torch.argsort(prompt_id, stable=True)
-    prompts, counts = torch.unique_consecutive(prompt_id[order], return_counts=True)
-    return list(zip(prompts.tolist(), order.split(counts.tolist())))
 
 
 def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
@@ -458,6 +356,7 @@ def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
         peak_kv_bytes=result.peak_kv_bytes,
         max_concurrency=result.max_concurrency,
         wall_time_s=result.wall_time_s,
+        prefill_time_s=result.prefill_time_s,
         slots=result.slots,
         slot_trace=result.slot_trace,
         predicted_peak_bytes=result.predicted_peak_bytes,

@@ -35,8 +35,8 @@ import torch
 from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBase,
                            sample_tokens, uniforms, validate_request)
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
-from samplers.engine import (DecodeEngine, EngineResult, PromptKV, SampleId, Suspended, prefill,
-                             to_rollouts)
+from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
+from samplers.kv import PromptKV, Suspended, prefill
 from samplers.memory import (check_prompt_kv, check_slots, kv_bytes_per_token, predict_peak_bytes,
                              resolve_slots)
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
@@ -139,7 +139,9 @@ class InfiniteSampler(SamplerBase):
         ended inside the probe, parked samples, prompt store)."""
         device = next(model.parameters()).device
         hidden = self.predictor.needs_hidden
+        start = time.perf_counter()
         store = {i: prefill(model, p, device, hidden) for i, p in enumerate(prompts)}
+        prefill_s = time.perf_counter() - start
         queue = fifo_order(len(prompts), group_size)
         if self.probe_tokens == 0:
             done = first_tokens(store, queue, spec)
@@ -149,6 +151,7 @@ class InfiniteSampler(SamplerBase):
                                 prompt_kv=self.prompt_kv).run(SampleQueue(queue))
         done.prefill_passes = len(prompts)
         done.prefill_tokens = sum(len(p) for p in prompts)
+        done.prefill_time_s = prefill_s
         return done, done.suspended, store
 
     def probe_batch(self, prompts: list[list[int]], samples: list[SampleId],
@@ -224,6 +227,7 @@ def merge(done: EngineResult, main: EngineResult, store: dict[int, PromptKV],
         # the probe prefilled every prompt; a later phase prefills only what it had to redo
         prefill_passes=done.prefill_passes + main.prefill_passes,
         prefill_tokens=done.prefill_tokens + main.prefill_tokens,
+        prefill_time_s=done.prefill_time_s + main.prefill_time_s,
         peak_kv_bytes=max(done.peak_kv_bytes, main.peak_kv_bytes,
                           sum(kv.nbytes for kv in store.values())),
         max_concurrency=max(done.max_concurrency, main.max_concurrency), slot_trace=trace,

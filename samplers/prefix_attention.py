@@ -73,15 +73,16 @@ def _matmul_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None, scale: float,
-                       fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None, scale: float, fused: bool = True,
+                       may_be_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention and its log-sum-exp.
 
     q [B, Hk, M, d], k and v [B, Hk, N, d] (same head count: fold GQA groups into M first),
     mask additive float (0 / -inf) broadcastable to [B, Hk, M, N], or None.
     Returns out [B, Hk, M, d] in q's dtype and lse [B, Hk, M] (float32, float64 for float64
     inputs); a query that sees no key
-    gets out 0 and lse -inf, so it drops out of a merge.
+    gets out 0 and lse -inf, so it drops out of a merge (`may_be_empty=False` skips that check
+    where every query sees at least one key).
     """
     result = None
     if fused:
@@ -93,7 +94,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _matmul_lse(q, k, v, mask, scale)
     out, lse = result
     lse = lse.to(lse_dtype(q.dtype))
-    if mask is not None:  # kernels disagree on fully masked queries: make them exact zeros
+    if mask is not None and may_be_empty:  # kernels differ on fully masked queries: zero them
         seen = torch.isfinite(mask).expand(*q.shape[:3], k.shape[2]).any(-1)  # [B, Hk, M]
         lse = lse.masked_fill(~seen, float("-inf"))
         out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
@@ -102,12 +103,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
           lse_b: torch.Tensor) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from each part's (out, lse)."""
-    lse = torch.logaddexp(lse_a, lse_b)  # [..., M]
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    wa = torch.exp(lse_a - safe).nan_to_num(0.0).unsqueeze(-1)
-    wb = torch.exp(lse_b - safe).nan_to_num(0.0).unsqueeze(-1)
-    return (out_a.to(wa.dtype) * wa + out_b.to(wb.dtype) * wb).to(out_a.dtype)
+    """Attention over the union of two disjoint key sets from each part's (out, lse): part a's
+    weight is e^lse_a / (e^lse_a + e^lse_b) = sigmoid(lse_a - lse_b). At least one part of
+    every query must see a key (lse -inf on one side only gives weight 0 or 1)."""
+    weight = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)  # [..., M, 1]
+    out_b = out_b.to(weight.dtype)
+    return (out_b + weight * (out_a.to(weight.dtype) - out_b)).to(out_a.dtype)
 
 
 def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, visible: torch.Tensor | None,
@@ -122,6 +123,42 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, visible: torch.T
         return None
     mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return mask.masked_fill_(~keep, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- layers and rows
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None = full attention), as the model's attention reads it:
+    `layer_types` where the config has them (Qwen3, Qwen2, ...), else `sliding_window` for
+    every layer (Mistral), else none (Llama)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * text.num_hidden_layers
+
+
+def windowed_masks(config: Any, mask: torch.Tensor, positions: torch.Tensor) -> Any:
+    """The copied layout's decode masks for a model with sliding-window layers: column c of a
+    row holds position c, so a window layer hides c <= position - window, as transformers' own
+    masks do. `mask` [n, 1, 1, W] is the causal one, `positions` long [n]. Models with
+    `layer_types` take a mask per layer type; the others (Mistral) one for every layer."""
+    window = min(w for w in layer_windows(config) if w)
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    outside = columns[None, :] <= (positions[:, None] - window)  # [n, W]
+    windowed = mask.masked_fill(outside[:, None, None, :], float("-inf"))
+    if getattr(config.get_text_config(), "layer_types", None) is None:
+        return windowed
+    return {"full_attention": mask, "sliding_attention": windowed}
+
+
+def prompt_groups(prompt_id: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(prompt, its row indices) for every prompt among the running rows (one device sync)."""
+    order = torch.argsort(prompt_id, stable=True)
+    prompts, counts = torch.unique_consecutive(prompt_id[order], return_counts=True)
+    return list(zip(prompts.tolist(), order.split(counts.tolist())))
 
 
 # ----------------------------------------------------------------------------- the prompts
@@ -170,16 +207,19 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
     """Attention of every row's queries [n, H, M, d] over its prompt's KV, one product per
     prompt; returns out [n, H, M, d] and lse float32 [n, H, M]."""
     n, heads, queries, dim = query.shape
-    out = query.new_zeros(query.shape)
-    lse = torch.full((n, heads, queries), float("-inf"), device=query.device,
-                     dtype=lse_dtype(query.dtype))
+    if len(prefix.groups) > 1:  # each prompt's rows are scattered back into these
+        out = query.new_zeros(query.shape)
+        lse = torch.full((n, heads, queries), float("-inf"), device=query.device,
+                         dtype=lse_dtype(query.dtype))
     for i, rows in prefix.groups:
         keys, values = prefix.keys[i][layer], prefix.values[i][layer]  # [Hk, P, d]
         kv_heads, length = keys.shape[0], keys.shape[1]
         group = heads // kv_heads
         r = rows.numel()
+        whole = len(prefix.groups) == 1  # rows are 0..n-1 in order: no gather, no scatter
         # [r, H, M, d] -> [1, Hk, group * r * M, d]: every query of prompt i against its keys
-        q = query.index_select(0, rows).reshape(r, kv_heads, group * queries, dim)
+        q = (query if whole else query.index_select(0, rows)).reshape(
+            r, kv_heads, group * queries, dim)
         q = q.transpose(0, 1).reshape(1, kv_heads, r * group * queries, dim)
         mask = None
         if window is not None:  # rows see different prompt tails: a mask per query
@@ -193,6 +233,8 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
         o = o.reshape(kv_heads, r, group * queries, dim).transpose(0, 1).reshape(
             r, heads, queries, dim)
         s = s.reshape(kv_heads, r, group * queries).transpose(0, 1).reshape(r, heads, queries)
+        if whole:
+            return o, s
         out.index_copy_(0, rows, o)
         lse.index_copy_(0, rows, s)
     return out, lse
@@ -206,7 +248,8 @@ def completion_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_heads = key.shape[1]
     group = heads // kv_heads
     q = query.reshape(n, kv_heads, group * queries, dim)
-    o, s = attention_with_lse(q, key, value, mask, scale, fused)
+    # the fed token's own key is always visible: no query of this part is empty
+    o, s = attention_with_lse(q, key, value, mask, scale, fused, may_be_empty=False)
     return o.reshape(n, heads, queries, dim), s.reshape(n, heads, queries)
 
 
