@@ -4,12 +4,14 @@
 
 For each few-shot setting of the GSM8K-style data (the same question, k worked examples before
 it) and each sampler of `prompt_kv.samplers` (`full` at G, `micro` at m), both layouts run on the
-same prompt and seed. Columns: measured peak sampling memory, the sampler's own KV, the shared
-layout's closed form (live P + m·L with L = max_new_tokens), tokens/s (prefill included) and
-decoding-phase ms per step (`decode_s` = wall time minus prefill time, over the steps). The
-`bare forward` rows time a plain transformers loop on the same batch (m rows of the prompt in
-a DynamicCache, one token per row per step) as the per-step reference, and the `auto` rows
-give `micro` one `memory_budget_gb` in both layouts.
+same prompt and seed, `prompt_kv.repeats` times alternately (the median run by tokens/s is
+shown, every run's tokens/s in `tok_s_runs`: this machine drifts by ~10 %). Columns: measured
+peak sampling memory, the sampler's own KV, the shared layout's closed form (live P + m·L with
+L = max_new_tokens; for copied m·(P + L) + P), tokens/s (prefill included) and decoding-phase
+ms per step (`decode_s` = wall time minus prefill time, over the steps). The `bare forward`
+rows time a plain transformers loop on the same batch (m rows of the prompt in a DynamicCache,
+one token per row per step) as the per-step reference, and the `auto` rows give `micro` one
+`memory_budget_gb` in both layouts.
 """
 from __future__ import annotations
 
@@ -62,14 +64,20 @@ def table_prompt_kv(b: Bench) -> Table:
         p = len(prompt)
         for name in cfg.samplers:
             slots = g if name == "full" else m
-            for layout in ("copied", "shared"):
-                options = {} if name == "full" else {"micro_group_size": m}
-                sampler = make_sampler(name, prompt_kv=layout, **options)
-                row = b.measure(f"{name} {layout}", sampler, g, slots, prompts=[prompt],
-                                P=p, prompt_kv=layout)
+            runs: dict[str, list[Row]] = {"copied": [], "shared": []}
+            for _ in range(cfg.repeats):  # layouts alternate, so machine drift hits both
+                for layout in runs:
+                    options = {} if name == "full" else {"micro_group_size": m}
+                    sampler = make_sampler(name, prompt_kv=layout, **options)
+                    runs[layout].append(b.measure(f"{name} {layout}", sampler, g, slots,
+                                                  prompts=[prompt], P=p, prompt_kv=layout))
+            for layout, measured in runs.items():
+                row = sorted(measured, key=lambda r: r["tok_s"])[len(measured) // 2]  # median
                 closed = (p + slots * new) if layout == "shared" else slots * (p + new) + p
                 row.update(closed_kv_gb=closed * per_token / GB,
-                           ms_per_step=row["decode_s"] / max(1, row["steps"]) * 1000)
+                           ms_per_step=row["decode_s"] / max(1, row["steps"]) * 1000,
+                           runs=len(measured),
+                           tok_s_runs=" ".join(f"{r['tok_s']:.1f}" for r in measured))
                 rows.append(row)
         for batch in sorted({m, g}):
             rows.append(dict(sampler=f"bare forward x{batch}", G=None, m=batch, P=p,
