@@ -75,3 +75,28 @@ def check_rows(batch: ProbeBatch) -> int:
                          f"{batch.sample_index.numel()} sample_index, {len(batch.probe_ids)} "
                          f"probe_ids")
     return n
+
+
+class HeadPredictor:
+    """predict/observe of the learned predictors (`minilm`, `hidden`): `features(batch)` feeds
+    their `HeadLearner`; a refit saves to `path` when `save_on_refit`."""
+
+    learner: Any
+    path: str | None
+    save_on_refit: bool
+
+    def features(self, batch: ProbeBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    def predict(self, batch: ProbeBatch) -> torch.Tensor:
+        if check_rows(batch) == 0:
+            return torch.zeros(0)
+        return self.learner.predict(self.features(batch))
+
+    def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None:
+        features = self.features(batch) if check_rows(batch) else torch.zeros(0, 0)
+        if self.learner.observe(features, remaining) and self.path and self.save_on_refit:
+            self.save(self.path)

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from predictors.base import (ProbeBatch, check_rows, load_if_exists, load_predictor,
-                             save_predictor)
+from predictors.base import (HeadPredictor, ProbeBatch, check_rows, load_if_exists,
+                             load_predictor, save_predictor)
 from predictors.head import HeadLearner, MLPHead, check_number, initial_output
 
 
-class HiddenPredictor:
+class HiddenPredictor(HeadPredictor):
     """The policy's last hidden state at the probe's last token [n, H] -> standardized (running
     mean/std) -> MLP head on log1p(remaining). The head is built on the first call (H is not
     known before). `head` holds the HeadLearner options, as for MiniLMPredictor."""
@@ -39,16 +39,6 @@ class HiddenPredictor:
         if batch.hidden.dim() != 2 or batch.hidden.shape[0] != n:
             raise ValueError(f"batch.hidden must be [n={n}, H], got {tuple(batch.hidden.shape)}")
         return batch.hidden.detach().float().cpu()  # [n, H]
-
-    def predict(self, batch: ProbeBatch) -> torch.Tensor:
-        if check_rows(batch) == 0:
-            return torch.zeros(0)
-        return self.learner.predict(self.features(batch))
-
-    def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None:
-        features = self.features(batch) if check_rows(batch) else torch.zeros(0, 0)
-        if self.learner.observe(features, remaining) and self.path and self.save_on_refit:
-            self.save(self.path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"learner": self.learner.state_dict()}

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from predictors.base import (ProbeBatch, check_rows, load_if_exists, load_predictor,
-                             save_predictor)
+from predictors.base import (HeadPredictor, ProbeBatch, load_if_exists,
+                             load_predictor, save_predictor)
 from predictors.head import HeadLearner, MLPHead, check_number, initial_output
 from predictors.text_encoder import EncoderHead, load_encoder
 
 
-class MiniLMPredictor:
+class MiniLMPredictor(HeadPredictor):
     """Decoded prompt + probe (policy tokenizer from bind()) -> MiniLM, the last
     `max_input_tokens` tokens, mean-pooled -> MLP head on log1p(remaining).
 
@@ -61,16 +61,6 @@ class MiniLMPredictor:
         if self.finetune_encoder:
             return self.encoder.token_ids(texts, self.max_input_tokens)
         return self.encoder.embed(texts, self.max_input_tokens)
-
-    def predict(self, batch: ProbeBatch) -> torch.Tensor:
-        if check_rows(batch) == 0:
-            return torch.zeros(0)
-        return self.learner.predict(self.features(batch))
-
-    def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None:
-        features = self.features(batch) if check_rows(batch) else torch.zeros(0, 0)
-        if self.learner.observe(features, remaining) and self.path and self.save_on_refit:
-            self.save(self.path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"finetune_encoder": self.finetune_encoder, "learner": self.learner.state_dict()}

@@ -22,6 +22,18 @@ def completions(r) -> list[list[int]]:
     return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
 
 
+def generate_greedy(model, prompts: list[list[int]], new: int, eos: int = 3) -> list[list[int]]:
+    """`model.generate`'s greedy completion of each prompt, cut after its first EOS."""
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new, eos_token_id=eos, pad_token_id=eos)
+        tokens = out[0, len(prompt):].tolist()
+        expected.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+    return expected
+
+
 def samplers(prompt_kv: str) -> list:
     return [FullSampler(prompt_kv), MicroSampler(3, prompt_kv=prompt_kv),
             ContinuousSampler(3, prompt_kv=prompt_kv),
@@ -49,13 +61,7 @@ def test_schedule_invariance_in_both_layouts(family):
 def test_greedy_shared_equals_generate_with_prompts_longer_than_completions(family, attn):
     model = tiny_lm(family, attn=attn)
     spec = GenerationSpec(max_new_tokens=8, temperature=0.0, eos_token_ids=(3,))
-    expected = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=8, eos_token_id=3, pad_token_id=3)
-        tokens = out[0, len(prompt):].tolist()
-        expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
+    expected = generate_greedy(model, PROMPTS, 8)
     for sampler in samplers("shared"):
         r = sampler.sample(model, PROMPTS, 2, spec)
         assert completions(r) == [e for e in expected for _ in range(2)], type(sampler).__name__
@@ -107,13 +113,7 @@ def test_sliding_window_models_equal_generate(family, attn, prompt_kv):
     model = tiny_lm(family, attn=attn, **WINDOWED[family])
     spec = GenerationSpec(max_new_tokens=10, temperature=0.0, eos_token_ids=(3,))
     prompts = [PROMPTS[0][:12], [9, 8], PROMPTS[2]]
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=10, eos_token_id=3, pad_token_id=3)
-        tokens = out[0, len(prompt):].tolist()
-        expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
+    expected = generate_greedy(model, prompts, 10)
     unwindowed = tiny_lm(family, attn=attn, initializer_range=0.5)  # no window: it matters
     plain = FullSampler(prompt_kv).sample(unwindowed, prompts, 1, spec)
     assert completions(plain) != expected
