@@ -10,8 +10,8 @@ peak sampling memory, the sampler's own KV, the shared layout's closed form (liv
 L = max_new_tokens; for copied m·(P + L) + P), tokens/s (prefill included) and decoding-phase
 ms per step (`decode_s` = wall time minus prefill time, over the steps). The `bare forward`
 rows time a plain transformers loop on the same batch (m rows of the prompt in a DynamicCache,
-one token per row per step) as the per-step reference, and the `auto` rows give `micro` one
-`memory_budget_gb` in both layouts.
+one token per row per step, argmax or sampled as the engine samples) as the per-step reference,
+and the `auto` rows give `micro` one `memory_budget_gb` in both layouts.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from bench.core import Bench, Row, Table, make_sampler
 from callbacks.memory import GB
-from samplers.base import cache_keyword, output_cache
+from samplers.base import cache_keyword, output_cache, sample_tokens, uniforms
 from samplers.memory import kv_bytes_per_token
 
 
@@ -36,21 +36,31 @@ def prompt_of(b: Bench, few_shot: int) -> list[int]:
     return next(iter(data.train_dataloader()))["prompt_ids"][0]
 
 
-def bare_forward_ms(b: Bench, prompt: list[int], rows: int, steps: int) -> float:
+def bare_forward_ms(b: Bench, prompt: list[int], rows: int, steps: int,
+                    sample: bool = False) -> float:
     """ms per step of a plain transformers decode loop: the prompt prefilled once into a
-    DynamicCache repeated to `rows` rows (the copied layout), then `steps` one-token forwards
-    (greedy feed, no sampling cost)."""
+    DynamicCache repeated to `rows` rows (the copied layout), then `steps` one-token forwards.
+    The next token is the argmax, or with `sample` drawn as the engine draws it (the bench's
+    temperature / top-p, inverse CDF over the vocabulary), so the two loops do the same work."""
     ids = torch.tensor([prompt], device=b.device)
     keyword = cache_keyword(b.model)
+    index = torch.arange(rows, device=b.device)
+
+    def pick(logits: torch.Tensor, t: int) -> torch.Tensor:
+        if not sample:
+            return logits.argmax(-1, keepdim=True)
+        u = uniforms(b.spec.seed, torch.zeros_like(index), index, torch.full_like(index, t))
+        return sample_tokens(logits.float(), u, b.spec)[:, None]
+
     with torch.inference_mode():
         out = b.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
         cache.batch_repeat_interleave(rows)
-        token = out.logits[:, -1].argmax(-1, keepdim=True).repeat(rows, 1)
+        token = pick(out.logits[:, -1].repeat(rows, 1), 0)
         start = time.perf_counter()
-        for _ in range(steps):
+        for t in range(steps):
             out = b.model(input_ids=token, use_cache=True, **{keyword: cache})
-            cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+            cache, token = output_cache(out), pick(out.logits[:, -1], t + 1)
         return (time.perf_counter() - start) / steps * 1000
 
 
@@ -80,8 +90,10 @@ def table_prompt_kv(b: Bench) -> Table:
                            tok_s_runs=" ".join(f"{r['tok_s']:.1f}" for r in measured))
                 rows.append(row)
         for batch in sorted({m, g}):
-            rows.append(dict(sampler=f"bare forward x{batch}", G=None, m=batch, P=p,
-                             ms_per_step=bare_forward_ms(b, prompt, batch, cfg.bare_steps)))
+            for sample in (False, True):
+                label = f"bare forward x{batch}" + (" sampled" if sample else " argmax")
+                rows.append(dict(sampler=label, G=None, m=batch, P=p, ms_per_step=bare_forward_ms(
+                    b, prompt, batch, cfg.bare_steps, sample)))
         if cfg.budget_gb:
             for layout in ("copied", "shared"):
                 sampler = make_sampler("micro", micro_group_size="auto",
