@@ -64,3 +64,34 @@ def test_tables_c_and_d_on_the_tiny_policy(tmp_path):
         assert int(oracle[i, "fptas+lpt"]["steps"]) <= int(oracle[i, "lpt"]["steps"])
         assert oracle[i, "fptas+lpt"]["plan"] in {"fptas+lpt", "lpt"}
         assert oracle[i, "sjf"]["plan"] == "sjf"  # grouping none: the refill order itself
+
+
+@pytest.mark.slow
+def test_table_f_kv_equals_the_layouts_closed_form(tmp_path):
+    """Table F on the tiny policy (char tokenizer, so few_shot=1 makes a much longer prompt):
+    every measured `kv_gb` equals the layout's closed form computed here from the model config
+    (shared P + m·L, copied m·(P + L) + P), shared holds less than copied, and `auto` under one
+    budget gives shared at least the slots of copied."""
+    from modules.policy import tiny
+
+    bench(tmp_path, "table=prompt_kv", "data=gsm8k", "group_size=4", "micro_group_size=2",
+          "max_new_tokens=8", "prompt_kv.few_shot=[0,1]", "prompt_kv.bare_steps=2",
+          "prompt_kv.budget_gb=0.0025", "name=f")
+    cfg = tiny().model.config
+    heads = cfg.num_key_value_heads
+    per_token = 2 * cfg.num_hidden_layers * heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    table = rows(tmp_path / "f.csv")
+    measured = [r for r in table if r["prompt_kv"] and not r["budget_gb"]]
+    assert len(measured) == 8  # 2 prompts x (full, micro) x 2 layouts
+    for r in measured:
+        p, m, new = int(r["P"]), int(r["m"]), 8
+        tokens = p + m * new if r["prompt_kv"] == "shared" else m * (p + new) + p
+        assert float(r["kv_gb"]) == pytest.approx(tokens * per_token / 2**30, rel=1e-9), r
+    lengths = sorted({int(r["P"]) for r in measured})
+    assert len(lengths) == 2 and lengths[1] > 2 * lengths[0]
+    for p in lengths:
+        auto = {r["prompt_kv"]: int(r["m"]) for r in table if r["budget_gb"] and int(r["P"]) == p}
+        assert auto["shared"] >= auto["copied"]
+    long_auto = {r["prompt_kv"]: int(r["m"]) for r in table
+                 if r["budget_gb"] and int(r["P"]) == lengths[1]}
+    assert long_auto["shared"] > long_auto["copied"]
