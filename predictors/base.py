@@ -78,18 +78,13 @@ def check_rows(batch: ProbeBatch) -> int:
 
 
 class HeadPredictor:
-    """predict/observe of the learned predictors (`minilm`, `hidden`): `features(batch)` feeds
-    their `HeadLearner`; a refit saves to `path` when `save_on_refit`."""
+    """predict/observe of the learned predictors (`minilm`, `hidden`), which define
+    `features(batch) -> float [n, F]` and `save(path)`: the features feed their `HeadLearner`,
+    and a refit saves to `path` when `save_on_refit`."""
 
     learner: Any
     path: str | None
     save_on_refit: bool
-
-    def features(self, batch: ProbeBatch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def save(self, path: str | os.PathLike) -> None:
-        raise NotImplementedError
 
     def predict(self, batch: ProbeBatch) -> torch.Tensor:
         if check_rows(batch) == 0:

@@ -44,12 +44,11 @@ import torch
 
 from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, pack_rollouts,
                            sample_tokens, uniforms)
-from samplers.kv import PromptKV, SlotCache, Suspended, kv_geometry, prefill
+from samplers.kv import PromptKV, SlotCache, Suspended, check_prompt_kv, kv_geometry, prefill
 from samplers.prefix_attention import (SharedPrefix, layer_windows, prompt_groups,
                                        shared_prefix_implementation, windowed_masks)
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
-PROMPT_KV = ("shared", "copied")
 
 
 class Queue(Protocol):
@@ -91,8 +90,7 @@ class DecodeEngine:
                  capture_hidden: bool = False, suspend_after: int | None = None,
                  resume: dict[SampleId, Suspended] | None = None,
                  prompt_kv: str = "shared") -> None:
-        if prompt_kv not in PROMPT_KV:
-            raise ValueError(f"prompt_kv must be one of {PROMPT_KV}, got {prompt_kv!r}")
+        check_prompt_kv(prompt_kv)
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
         self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
@@ -100,9 +98,10 @@ class DecodeEngine:
         # shared: slot rows hold completion KV only; copied: prompt + completion
         self.capacity = spec.max_new_tokens + (0 if self.shared else max(map(len, prompts)))
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
-        reach = max(map(len, prompts)) + spec.max_new_tokens  # positions are < reach
-        # copied rows need windowed masks only where a window is shorter than the sequence
-        self.windowed = any(w is not None and w < reach for w in layer_windows(model.config))
+        self.reach = max(map(len, prompts)) + spec.max_new_tokens  # positions are < reach
+        # windowed masks are needed only where a window is shorter than the sequence
+        self.windowed = any(w is not None and w < self.reach
+                            for w in layer_windows(model.config))
         self.shared_store = store
         self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
         self.resume = dict(resume or {})  # popped as the samples are placed
@@ -268,7 +267,7 @@ class _Run:
         keeps its prompts (the caller runs them again, e.g. `infinite`'s decode phase)."""
         if self.keep_store:
             return
-        running = set(self.prompt_id[: self.n].tolist()) if self.e.shared else set()
+        running = {s[0] for s in self.sample[: self.n]} if self.e.shared else set()
         for i in [i for i in self.store if self.queue.remaining(i) == 0 and i not in running]:
             self.store.pop(i)
 
@@ -323,7 +322,7 @@ class _Run:
                 {i: kv.keys for i, kv in self.store.items()},
                 {i: kv.values for i, kv in self.store.items()},
                 prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask,
-                reach=int(positions.max()) + 1)
+                reach=self.e.reach)
             context = shared_prefix_implementation(self.e.model)
         with context:
             out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],

@@ -13,7 +13,7 @@ from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import DecodeEngine, to_rollouts
-from samplers.memory import check_prompt_kv
+from samplers.kv import check_prompt_kv
 from samplers.scheduling import SampleQueue, fifo_order
 
 

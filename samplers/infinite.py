@@ -36,9 +36,8 @@ from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBas
                            sample_tokens, uniforms, validate_request)
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
-from samplers.kv import PromptKV, Suspended, prefill
-from samplers.memory import (check_prompt_kv, check_slots, kv_bytes_per_token, predict_peak_bytes,
-                             resolve_slots)
+from samplers.kv import PromptKV, Suspended, check_prompt_kv, prefill
+from samplers.memory import check_slots, kv_bytes_per_token, predict_peak_bytes, resolve_slots
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 
 from samplers.base import GenerationSpec, check_positive
-from samplers.engine import PROMPT_KV, DecodeEngine, EngineResult, Queue
+from samplers.engine import DecodeEngine, EngineResult, Queue
+from samplers.kv import check_prompt_kv
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -61,14 +62,6 @@ def live_prompt_bound(num_prompts: int, group_size: int, slots: int, rounds: boo
     (`continuous`) can hold m prompts plus the one being prefilled."""
     bound = -(-slots // group_size) + 2 if rounds else slots + 1
     return min(num_prompts, bound)
-
-
-def check_prompt_kv(prompt_kv: str) -> str:
-    """Validate the `prompt_kv` layout of an engine sampler config."""
-    if prompt_kv not in PROMPT_KV:
-        raise ValueError(f"prompt_kv must be one of {PROMPT_KV} (shared: one copy per prompt; "
-                         f"copied: in every slot row, for A/B runs), got {prompt_kv!r}")
-    return prompt_kv
 
 
 def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> None:

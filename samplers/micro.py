@@ -15,7 +15,8 @@ from typing import Any
 
 from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
 from samplers.engine import to_rollouts
-from samplers.memory import check_prompt_kv, check_slots, run_slots
+from samplers.kv import check_prompt_kv
+from samplers.memory import check_slots, run_slots
 from samplers.scheduling import SampleQueue, fifo_order
 
 

@@ -179,15 +179,31 @@ class SharedPrefix:
     prompt_len: torch.Tensor
     fed: torch.Tensor
     completion_mask: torch.Tensor
-    reach: int | None = None  # 1 + the largest query position: a window >= it hides nothing
+    reach: int | None = None  # above every query position: a window >= it hides nothing
     fused: bool = True
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+    _windowed_prefix: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)
 
     def effective(self, window: int | None) -> int | None:
         """The window, or None where it is at least as long as every row's sequence."""
         if window is None or (self.reach is not None and window >= self.reach):
             return None
         return window
+
+    def prefix_mask_for(self, prompt: int, rows: torch.Tensor, length: int, repeat: int,
+                        window: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The window's mask over prompt `prompt`'s keys for its rows' stacked queries
+        ([1, 1, r * repeat, P]; None if it hides nothing), once per prompt per step."""
+        key = (prompt, window)
+        if key not in self._windowed_prefix:
+            positions = self.prompt_len[rows] + self.fed[rows]  # [r]
+            cut = window_mask(positions, torch.arange(length, device=positions.device), None,
+                              window, dtype)  # [r, P]
+            if cut is not None:
+                cut = cut[:, None, :].expand(rows.numel(), repeat, length).reshape(
+                    1, 1, rows.numel() * repeat, length)
+            self._windowed_prefix[key] = cut
+        return self._windowed_prefix[key]
 
     def completion_mask_for(self, window: int | None) -> torch.Tensor:
         """The completion part's mask, cut to a sliding window (once per window per step)."""
@@ -223,12 +239,7 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
         q = q.transpose(0, 1).reshape(1, kv_heads, r * group * queries, dim)
         mask = None
         if window is not None:  # rows see different prompt tails: a mask per query
-            positions = (prefix.prompt_len[rows] + prefix.fed[rows])  # [r]
-            cut = window_mask(positions, torch.arange(length, device=q.device), None, window,
-                              q.dtype)  # [r, P]
-            if cut is not None:
-                mask = cut[:, None, :].expand(r, group * queries, length).reshape(
-                    1, 1, r * group * queries, length)
+            mask = prefix.prefix_mask_for(i, rows, length, group * queries, window, q.dtype)
         o, s = attention_with_lse(q, keys[None], values[None], mask, scale, prefix.fused)
         o = o.reshape(kv_heads, r, group * queries, dim).transpose(0, 1).reshape(
             r, heads, queries, dim)
