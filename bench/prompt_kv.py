@@ -9,9 +9,11 @@ shown, every run's tokens/s in `tok_s_runs`: this machine drifts by ~10 %). Colu
 peak sampling memory, the sampler's own KV, the shared layout's closed form (live P + m·L with
 L = max_new_tokens; for copied m·(P + L) + P), tokens/s (prefill included) and decoding-phase
 ms per step (`decode_s` = wall time minus prefill time, over the steps). The `bare forward`
-rows time a plain transformers loop on the same batch (m rows of the prompt in a DynamicCache,
+rows time a plain transformers loop on a fixed batch (N rows of the prompt in a DynamicCache,
 one token per row per step, argmax or sampled as the engine samples) as the per-step reference,
-and the `auto` rows give `micro` one `memory_budget_gb` in both layouts.
+and the `engine` rows time the engine on the same batch for the same steps (`full` on N rows
+with no EOS, so every row runs every step), alternating with the bare loop; the `auto` rows
+give `micro` one `memory_budget_gb` in both layouts.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from omegaconf import OmegaConf
 
 from bench.core import Bench, Row, Table, make_sampler
 from callbacks.memory import GB
-from samplers.base import cache_keyword, output_cache, sample_tokens, uniforms
+from samplers.base import GenerationSpec, cache_keyword, output_cache, sample_tokens, uniforms
 from samplers.memory import kv_bytes_per_token
 
 
@@ -64,6 +66,33 @@ def bare_forward_ms(b: Bench, prompt: list[int], rows: int, steps: int,
         return (time.perf_counter() - start) / steps * 1000
 
 
+def engine_ms(b: Bench, prompt: list[int], rows: int, steps: int, layout: str) -> float:
+    """ms per decoding step of the engine on `rows` rows of `prompt` for `steps` steps: `full`
+    with no EOS token, so the batch is the bare loop's at every step."""
+    spec = GenerationSpec(steps, temperature=b.spec.temperature, top_p=b.spec.top_p,
+                          top_k=b.spec.top_k, seed=b.spec.seed)
+    stats = make_sampler("full", prompt_kv=layout).sample(b.model, [prompt], rows, spec).stats
+    return (stats.wall_time_s - stats.prefill_time_s) / stats.decoding_steps * 1000
+
+
+def same_batch_rows(b: Bench, prompt: list[int], batch: int) -> list[Row]:
+    """The bare loop (argmax, sampled) and the engine (copied, shared) on one fixed batch,
+    `prompt_kv.repeats` alternating runs each, median ms per step."""
+    cfg, p = b.cfg.prompt_kv, len(prompt)
+    runs: dict[str, list[float]] = {"bare forward argmax": [], "bare forward sampled": [],
+                                    "engine copied": [], "engine shared": []}
+    for _ in range(cfg.repeats):
+        for label, times in runs.items():
+            if label.startswith("bare"):
+                times.append(bare_forward_ms(b, prompt, batch, cfg.bare_steps,
+                                             sample=label.endswith("sampled")))
+            else:
+                times.append(engine_ms(b, prompt, batch, cfg.bare_steps, label.split()[1]))
+    return [dict(sampler=f"{label} x{batch}", G=None, m=batch, P=p,
+                 ms_per_step=sorted(times)[len(times) // 2],
+                 ms_runs=" ".join(f"{t:.1f}" for t in times)) for label, times in runs.items()]
+
+
 def table_prompt_kv(b: Bench) -> Table:
     cfg, g, m = b.cfg.prompt_kv, b.cfg.group_size, b.cfg.micro_group_size
     per_token = kv_bytes_per_token(b.model.config, next(b.model.parameters()).dtype)
@@ -90,10 +119,7 @@ def table_prompt_kv(b: Bench) -> Table:
                            tok_s_runs=" ".join(f"{r['tok_s']:.1f}" for r in measured))
                 rows.append(row)
         for batch in sorted({m, g}):
-            for sample in (False, True):
-                label = f"bare forward x{batch}" + (" sampled" if sample else " argmax")
-                rows.append(dict(sampler=label, G=None, m=batch, P=p, ms_per_step=bare_forward_ms(
-                    b, prompt, batch, cfg.bare_steps, sample)))
+            rows += same_batch_rows(b, prompt, batch)
         if cfg.budget_gb:
             for layout in ("copied", "shared"):
                 sampler = make_sampler("micro", micro_group_size="auto",

@@ -95,3 +95,8 @@ def test_table_f_kv_equals_the_layouts_closed_form(tmp_path):
     long_auto = {r["prompt_kv"]: int(r["m"]) for r in table
                  if r["budget_gb"] and int(r["P"]) == lengths[1]}
     assert long_auto["shared"] > long_auto["copied"]
+    # per-step references: bare loop (argmax, sampled) and engine (both layouts) per P and batch
+    same = {(r["sampler"], int(r["P"])) for r in table if not r["G"]}
+    assert same == {(f"{kind} x{batch}", p) for p in lengths for batch in (2, 4)
+                    for kind in ("bare forward argmax", "bare forward sampled",
+                                 "engine copied", "engine shared")}

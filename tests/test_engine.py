@@ -6,6 +6,7 @@ import torch
 
 from samplers.base import GenerationSpec
 from samplers.continuous import ContinuousSampler
+from samplers.engine import padded_head
 from samplers.memory import live_prompt_bound, predict_peak_bytes, resolve_slots
 from samplers.full import FullSampler
 from samplers.micro import MicroSampler
@@ -160,3 +161,23 @@ def test_auto_slots_fit_the_budget(model, prompt_kv):
     assert r.stats.peak_kv_bytes <= r.stats.predicted_sampling_bytes
     with pytest.raises(ValueError, match="memory_budget_gb"):
         resolve_slots("auto", peak(1) / 2 / (1 << 30), model, PROMPTS, 16, SPEC, peak)
+
+
+def test_padded_head_pads_rows_and_keeps_logits():
+    """Inside `padded_head` the output embedding multiplies 4 rows for 2 and 3 (1 and 4 stay),
+    the logits equal those of the unpadded forward, and the hooks are gone afterwards."""
+    model = tiny_lm("llama", dtype=torch.float64)
+    head = model.get_output_embeddings()
+    seen: list[int] = []
+    probe = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    for n in (1, 2, 3, 4):
+        ids = torch.tensor(PROMPTS[0][:4]).repeat(n, 1) + torch.arange(n)[:, None]
+        with torch.inference_mode():
+            plain = model(input_ids=ids).logits
+            with padded_head(model, 4):
+                padded = model(input_ids=ids).logits
+        assert padded.shape == plain.shape
+        torch.testing.assert_close(padded, plain, rtol=0, atol=1e-12)
+    probe.remove()
+    assert seen == [1, 1, 2, 4, 3, 4, 4, 4]
+    assert not head._forward_hooks and not head._forward_pre_hooks
