@@ -1,10 +1,12 @@
 """`micro` sampler: the G samples of a prompt run in rounds of m (micro groups).
 
-The prompt is prefilled once and its KV is copied into each round's slots, so peak KV is m rows
-whatever G is. Each round waits for its longest member before the next starts: decoding steps
-= sum over rounds of the round's longest completion. Rounds follow (prompt, sample) order and
-may span two prompts; G need not be a multiple of m. `micro_group_size: auto` picks the largest
-m whose predicted peak (weights + KV + logits) fits `memory_budget_gb`.
+The prompt is prefilled once; its KV is kept once and shared by the round's rows
+(`prompt_kv: shared`, or copied into each row with `copied`), so peak KV is P + m·L (copied
+m·(P + L)) whatever G is. Each round waits for its longest member before the next starts:
+decoding steps = sum over rounds of the round's longest completion. Rounds follow (prompt,
+sample) order and may span two prompts; G need not be a multiple of m. `micro_group_size:
+auto` picks the largest m whose predicted peak (weights + KV + logits) fits
+`memory_budget_gb`.
 
     python train.py sampler=micro sampler.micro_group_size=8
     python train.py sampler=micro sampler.micro_group_size=auto sampler.memory_budget_gb=2
