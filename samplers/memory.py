@@ -1,9 +1,10 @@
 """The memory planner of the engine samplers: predicted peak bytes, and the slot count m that
 fits a budget (`micro_group_size: auto` with `memory_budget_gb`).
 
-The model is the engine's own allocation: weights + m slot rows of (longest prompt +
-max_new_tokens) KV + up to two prompts' KV alive while samples are placed + the float32
-logits buffers of one step. `tests/test_engine.py` checks it against the bytes the engine's
+The model is the engine's own allocation: weights + the KV of its `prompt_kv` layout (shared:
+m slot rows of max_new_tokens + the prompts alive at once; copied: m rows of (longest prompt +
+max_new_tokens) + up to two prompts' KV while samples are placed) + the float32 logits
+buffers of one step. `tests/test_engine.py` checks it against the bytes the engine's
 tensors really hold, and bench Table A against measured peaks.
 
     python train.py sampler=micro sampler.micro_group_size=auto sampler.memory_budget_gb=2
