@@ -18,6 +18,8 @@ give `micro` one `memory_budget_gb` in both layouts.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -25,7 +27,7 @@ from omegaconf import OmegaConf
 
 from bench.core import Bench, Row, Table, make_sampler
 from callbacks.memory import GB
-from samplers.base import GenerationSpec, cache_keyword, output_cache, sample_tokens, uniforms
+from samplers.base import cache_keyword, output_cache, sample_tokens, uniforms
 from samplers.memory import kv_bytes_per_token
 
 
@@ -69,28 +71,39 @@ def bare_forward_ms(b: Bench, prompt: list[int], rows: int, steps: int,
 def engine_ms(b: Bench, prompt: list[int], rows: int, steps: int, layout: str) -> float:
     """ms per decoding step of the engine on `rows` rows of `prompt` for `steps` steps: `full`
     with no EOS token, so the batch is the bare loop's at every step."""
-    spec = GenerationSpec(steps, temperature=b.spec.temperature, top_p=b.spec.top_p,
-                          top_k=b.spec.top_k, seed=b.spec.seed)
+    spec = replace(b.spec, max_new_tokens=steps, eos_token_ids=())
     stats = make_sampler("full", prompt_kv=layout).sample(b.model, [prompt], rows, spec).stats
     return (stats.wall_time_s - stats.prefill_time_s) / stats.decoding_steps * 1000
+
+
+def median(runs: list, key: Callable[[Any], float] = float) -> Any:
+    """The middle run by `key` (the upper one of an even count)."""
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
+def ms_per_step(row: Row) -> float:
+    """Decoding-phase ms per step of a measured row."""
+    return row["decode_s"] / max(1, row["steps"]) * 1000
 
 
 def same_batch_rows(b: Bench, prompt: list[int], batch: int) -> list[Row]:
     """The bare loop (argmax, sampled) and the engine (copied, shared) on one fixed batch,
     `prompt_kv.repeats` alternating runs each, median ms per step."""
-    cfg, p = b.cfg.prompt_kv, len(prompt)
-    runs: dict[str, list[float]] = {"bare forward argmax": [], "bare forward sampled": [],
-                                    "engine copied": [], "engine shared": []}
+    cfg = b.cfg.prompt_kv
+    steps = cfg.bare_steps
+    timers: dict[str, Callable[[], float]] = {
+        "bare forward argmax": lambda: bare_forward_ms(b, prompt, batch, steps),
+        "bare forward sampled": lambda: bare_forward_ms(b, prompt, batch, steps, sample=True),
+        "engine copied": lambda: engine_ms(b, prompt, batch, steps, "copied"),
+        "engine shared": lambda: engine_ms(b, prompt, batch, steps, "shared"),
+    }
+    runs: dict[str, list[float]] = {label: [] for label in timers}
     for _ in range(cfg.repeats):
-        for label, times in runs.items():
-            if label.startswith("bare"):
-                times.append(bare_forward_ms(b, prompt, batch, cfg.bare_steps,
-                                             sample=label.endswith("sampled")))
-            else:
-                times.append(engine_ms(b, prompt, batch, cfg.bare_steps, label.split()[1]))
-    return [dict(sampler=f"{label} x{batch}", G=None, m=batch, P=p,
-                 ms_per_step=sorted(times)[len(times) // 2],
-                 ms_runs=" ".join(f"{t:.1f}" for t in times)) for label, times in runs.items()]
+        for label, timer in timers.items():
+            runs[label].append(timer())
+    return [dict(sampler=f"{label} x{batch}", G=None, m=batch, P=len(prompt),
+                 ms_per_step=median(times), ms_runs=" ".join(f"{t:.1f}" for t in times))
+            for label, times in runs.items()]
 
 
 def table_prompt_kv(b: Bench) -> Table:
@@ -111,10 +124,10 @@ def table_prompt_kv(b: Bench) -> Table:
                     runs[layout].append(b.measure(f"{name} {layout}", sampler, g, slots,
                                                   prompts=[prompt], P=p, prompt_kv=layout))
             for layout, measured in runs.items():
-                row = sorted(measured, key=lambda r: r["tok_s"])[len(measured) // 2]  # median
+                row = median(measured, key=lambda r: r["tok_s"])
                 closed = (p + slots * new) if layout == "shared" else slots * (p + new) + p
                 row.update(closed_kv_gb=closed * per_token / GB,
-                           ms_per_step=row["decode_s"] / max(1, row["steps"]) * 1000,
+                           ms_per_step=ms_per_step(row),
                            runs=len(measured),
                            tok_s_runs=" ".join(f"{r['tok_s']:.1f}" for r in measured))
                 rows.append(row)
@@ -126,6 +139,6 @@ def table_prompt_kv(b: Bench) -> Table:
                                        memory_budget_gb=cfg.budget_gb, prompt_kv=layout)
                 row = b.measure(f"micro auto {layout}", sampler, g, None, prompts=[prompt],
                                 P=p, prompt_kv=layout, budget_gb=cfg.budget_gb)
-                row["ms_per_step"] = row["decode_s"] / max(1, row["steps"]) * 1000
+                row["ms_per_step"] = ms_per_step(row)
                 rows.append(row)
     return Table(rows)

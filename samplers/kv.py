@@ -26,7 +26,6 @@ def check_prompt_kv(prompt_kv: str) -> str:
     return prompt_kv
 
 
-
 class SlotCache:
     """A duck-typed transformers Cache: fixed [m, heads, capacity, head_dim] K/V per layer.
 

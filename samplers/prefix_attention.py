@@ -223,7 +223,8 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
     """Attention of every row's queries [n, H, M, d] over its prompt's KV, one product per
     prompt; returns out [n, H, M, d] and lse float32 [n, H, M]."""
     n, heads, queries, dim = query.shape
-    if len(prefix.groups) > 1:  # each prompt's rows are scattered back into these
+    whole = len(prefix.groups) == 1  # rows are 0..n-1 in order: no gather, no scatter
+    if not whole:  # each prompt's rows are scattered back into these
         out = query.new_zeros(query.shape)
         lse = torch.full((n, heads, queries), float("-inf"), device=query.device,
                          dtype=lse_dtype(query.dtype))
@@ -232,7 +233,6 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
         kv_heads, length = keys.shape[0], keys.shape[1]
         group = heads // kv_heads
         r = rows.numel()
-        whole = len(prefix.groups) == 1  # rows are 0..n-1 in order: no gather, no scatter
         # [r, H, M, d] -> [1, Hk, group * r * M, d]: every query of prompt i against its keys
         q = (query if whole else query.index_select(0, rows)).reshape(
             r, kv_heads, group * queries, dim)
