@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -23,22 +20,11 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from modules.entry import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
 from modules.policy import describe  # noqa: E402
 from samplers.base import context_length  # noqa: E402
 
 log = logging.getLogger("train")
-
-# Errors that come from the user's config or data: printed as one clear line, no traceback.
-USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
-
-
-def instantiate_group(cfg: DictConfig | None) -> list[Any]:
-    """Callbacks or loggers: every entry of the group that has a _target_."""
-    if not cfg:
-        return []
-    return [hydra.utils.instantiate(node) for node in cfg.values()
-            if isinstance(node, DictConfig) and "_target_" in node]
-
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
@@ -77,46 +63,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects = dict(cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
                    callbacks=callbacks, loggers=loggers, trainer=trainer)
     return metrics, objects
-
-
-def config_key(err: BaseException | None) -> str | None:
-    """The config node Hydra was instantiating when `err` was raised (its `full_key`)."""
-    while err is not None:
-        found = re.search(r"full_key: ([\w.\[\]]+)", str(err))
-        if found:
-            return found.group(1)
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The config/data error at the root of `err`, if there is one (Hydra wraps them)."""
-    while err is not None:
-        if isinstance(err, USER_ERRORS):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) -> tuple:
-    """Save the config tree, then run; a bad-input error becomes one `error:` line and exit 1
-    (the traceback goes to the run's log), anything else is re-raised."""
-    output_dir = Path(cfg.paths.output_dir)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    log.info("config:\n%s", text)
-    (output_dir / "config_tree.yaml").write_text(text)
-    try:
-        return run(cfg)
-    except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
-        cause = user_error(err)
-        log.exception("run failed; output dir: %s", output_dir)
-        if cause is None:
-            raise
-        key = config_key(err)
-        where = f"in the config `{key}`; " if key else ""
-        print(f"\nerror: {type(cause).__name__}: {cause}\n({where}details: {output_dir})",
-              file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")

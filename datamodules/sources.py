@@ -40,7 +40,7 @@ GSM8K_SOURCES = ("gsm_symbolic", "hub", "jsonl")
 FEW_SHOT_SEED_OFFSET = 1 << 30
 FEW_SHOT_SPARE = 16
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "2*3=<<2*3=6>>6"
-PASSAGES = Path(__file__).resolve().parent / "value_data" / "neutral_passages.jsonl"
+PASSAGES = Path(__file__).resolve().parents[1] / "values" / "data" / "neutral_passages.jsonl"
 CONTEXT_NAMES = ("passages",)
 
 
@@ -299,7 +299,7 @@ def chat(
         path: a JSONL file with a `prompt` field instead of IFBench's.
         context: reference material put in every prompt's system message (record key
             "system"), the same text for all: None (no system text, today's records),
-            "passages" (the explanatory passages of `value_data/neutral_passages.jsonl`,
+            "passages" (the explanatory passages of `values/data/neutral_passages.jsonl`,
             1885 words) or the path of a UTF-8 text file.
         context_words: keep only the first n words of `context` (None = all of it).
     """

@@ -36,7 +36,7 @@ class Policy:
     def __init__(self, model: Any, tokenizer: Any, steering: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.steering = steering  # a modules.value_neurons.PolicySteering, or None
+        self.steering = steering  # a values.neurons.SteerSettings, or None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -137,7 +137,7 @@ def tiny(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_
 def finish(policy: Policy, lora: dict | None = None,
            gradient_checkpointing: bool = False, steer: dict | None = None) -> Policy:
     """Pad token, optional LoRA adapters (peft), gradient checkpointing, and value-neuron
-    steering (`policy.steer`, see `modules.value_neurons.PolicySteering`)."""
+    steering (`policy.steer`, see `values.neurons.SteerSettings`)."""
     tokenizer, model = policy.tokenizer, policy.model
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,9 +152,9 @@ def finish(policy: Policy, lora: dict | None = None,
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
     steering = None
     if steer:
-        from modules.value_neurons import PolicySteering
+        from values.neurons import SteerSettings
 
-        steering = PolicySteering.from_config(model, **dict(steer))
+        steering = SteerSettings.from_config(model, **dict(steer))
     return Policy(model, tokenizer, steering)
 
 

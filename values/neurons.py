@@ -13,9 +13,9 @@ a = act(gate(x)), with the model's own `act_fn` (SiLU for Llama/Qwen, GeLU-tanh 
     with steer(model, neurons, gamma=1.0):
         model.generate(...)                            # or any sampler of samplers/
 
-Both contexts swap each MLP's `act_fn` for a wrapper (modules/mlp_hooks.py) and put the
+Both contexts swap each MLP's `act_fn` for a wrapper (values/hooks.py) and put the
 original back on exit, so they work inside the decode engine, `model.generate` and the training
-forward alike. The statistics live in modules/activation_stats.py and are re-exported here.
+forward alike. The statistics live in values/statistics.py and are re-exported here.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from typing import Any, Iterator
 
 import torch
 
-from modules.activation_stats import (ActivationStats, ActivationSummary,  # noqa: F401
+from values.statistics import (ActivationStats, ActivationSummary,  # noqa: F401
                                       record_activations)
-from modules.mlp_hooks import (gated_mlps, mlp_width, model_signature,  # noqa: F401
+from values.hooks import (gated_mlps, mlp_width, model_signature,  # noqa: F401
                                steering_paused, wrap_activations)
 
 DIMENSIONS = ("openness_to_change", "conservation", "self_enhancement", "self_transcendence")
@@ -43,6 +43,21 @@ def check_dimension(name: str, setting: str = "dimension") -> str:
         raise ValueError(f"{setting}={name!r} is not a value dimension; use one of "
                          f"{', '.join(DIMENSIONS)}")
     return name
+
+
+def check_gamma(gamma: object, setting: str = "steer.gamma") -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0 \
+            or math.isnan(gamma) or math.isinf(gamma):
+        raise ValueError(f"{setting} must be numbers >= 0 (0 = no push), got {gamma!r}; to "
+                         "steer the other way, steer the opposite dimension's neurons")
+    return float(gamma)
+
+
+def check_fraction(fraction: object, setting: str = "steer.fraction") -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{setting} must be in (0, 1], got {fraction!r}")
+    return float(fraction)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -75,15 +90,33 @@ class ValueNeurons:
     delta: torch.Tensor  # float [K]: p_pole - p_opposite
     scale: torch.Tensor  # float [K]: the neuron's 95th-percentile activation on the pole
     meta: dict[str, Any] = field(default_factory=dict)  # dimension, method, model signature
+    prob: torch.Tensor | None = None  # float [K]: its activation probability on the pole
 
     def __len__(self) -> int:
         return int(self.layer.numel())
+
+    def scaled(self, scale: str) -> ValueNeurons:
+        """The set whose push per neuron is `scale`: "p95" (its 95th-percentile activation,
+        NPTI's choice) or "probability" (its activation probability on the pole, as the
+        authors' ValueLocate code multiplies)."""
+        if scale not in SCALES:
+            raise ValueError(f"steer.scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        if scale == "p95":
+            return self
+        if self.prob is None:
+            raise ValueError(f"the neuron set of {self.meta.get('dimension', '?')} has no "
+                             "activation probabilities (written by an older run): use "
+                             "steer.scale=p95 or locate it again")
+        return ValueNeurons(self.layer, self.index, self.delta, self.prob,
+                            {**self.meta, "scale": "probability"}, self.prob)
 
     def layer_histogram(self, layers: int) -> list[int]:
         return torch.bincount(self.layer, minlength=layers).tolist()
 
     def save(self, path: str | Path) -> None:
         rows = {k: getattr(self, k).tolist() for k in ("layer", "index", "delta", "scale")}
+        if self.prob is not None:
+            rows["prob"] = self.prob.tolist()
         Path(path).write_text(json.dumps({"meta": self.meta, "neurons": rows}, indent=1))
 
     @classmethod
@@ -99,7 +132,9 @@ class ValueNeurons:
             neurons = cls(torch.tensor(rows["layer"], dtype=torch.long),
                           torch.tensor(rows["index"], dtype=torch.long),
                           torch.tensor(rows["delta"], dtype=torch.float32),
-                          torch.tensor(rows["scale"], dtype=torch.float32), data.get("meta", {}))
+                          torch.tensor(rows["scale"], dtype=torch.float32), data.get("meta", {}),
+                          torch.tensor(rows["prob"], dtype=torch.float32)
+                          if "prob" in rows else None)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"neuron file {path} is not a neuron set: {err}") from err
         if model is not None:
@@ -117,16 +152,19 @@ class ValueNeurons:
 
 
 def _sorted_set(layer: torch.Tensor, index: torch.Tensor, delta: torch.Tensor,
-                scale: torch.Tensor, meta: dict[str, Any]) -> ValueNeurons:
+                scale: torch.Tensor, meta: dict[str, Any],
+                prob: torch.Tensor | None = None) -> ValueNeurons:
     order = torch.argsort(delta, descending=True, stable=True)
     return ValueNeurons(layer[order], index[order], delta[order].float(),
-                        scale[order].float(), meta)
+                        scale[order].float(), meta,
+                        None if prob is None else prob[order].float())
 
 
 def select_neurons(p_pos: torch.Tensor, p_neg: torch.Tensor, top_k: int, min_delta: float,
                    scale: torch.Tensor | None = None) -> ValueNeurons:
     """The top_k neurons by delta = p_pos - p_neg, plus every neuron with delta >= min_delta;
-    positive deltas only. `scale` [layers, d_ff] is the pole's 95th percentile (default 1)."""
+    positive deltas only. `scale` [layers, d_ff] is the pole's 95th percentile (default 1);
+    `prob` keeps p_pos at each neuron (the authors' push multiplies it)."""
     if p_pos.shape != p_neg.shape or p_pos.dim() != 2:
         raise ValueError(f"p_pos and p_neg must both be [layers, d_ff], got "
                          f"{tuple(p_pos.shape)} and {tuple(p_neg.shape)}")
@@ -141,7 +179,8 @@ def select_neurons(p_pos: torch.Tensor, p_neg: torch.Tensor, top_k: int, min_del
     d_ff = p_pos.shape[1]
     scale = torch.ones_like(p_pos) if scale is None else scale
     return _sorted_set(flat // d_ff, flat % d_ff, delta[flat],
-                       scale.flatten()[flat].to(delta.device), {"method": "contrast"})
+                       scale.flatten()[flat].to(delta.device), {"method": "contrast"},
+                       p_pos.float().flatten()[flat])
 
 
 def select_lape(probs: torch.Tensor, pole: int, top_k: int, opposite: int | None = None,
@@ -167,7 +206,7 @@ def select_lape(probs: torch.Tensor, pole: int, top_k: int, opposite: int | None
     d_ff = probs.shape[2]
     scale = torch.ones_like(probs[0]) if scale is None else scale
     return _sorted_set(keep // d_ff, keep % d_ff, (p - others)[keep],
-                       scale.flatten()[keep], {"method": "lape"})
+                       scale.flatten()[keep], {"method": "lape"}, p[keep])
 
 
 def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
@@ -186,7 +225,8 @@ def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
             raise ValueError(f"layer {layer} has too few free neurons for a random control")
         index[rows] = pick
     return ValueNeurons(neurons.layer.clone(), index, neurons.delta.clone(),
-                        neurons.scale.clone(), {**neurons.meta, "method": "random"})
+                        neurons.scale.clone(), {**neurons.meta, "method": "random"},
+                        None if neurons.prob is None else neurons.prob.clone())
 
 
 # ----------------------------------------------------------------------------- steering
@@ -268,41 +308,46 @@ def steer(model: Any, target: ValueNeurons, gamma: float, opposite: ValueNeurons
     """Steer `target` up by gamma * scale * sigmoid(10 * (delta - 0.15)) on a random `fraction`
     of it (chosen once from `seed`) and clamp `opposite` to min(a, 0), at every position that
     predicts a response token; gamma = 0 without `opposite` is the identity. Exit restores."""
-    if not isinstance(gamma, (int, float)) or gamma < 0 or math.isnan(gamma):
-        raise ValueError(f"steer.gamma must be a number >= 0 (0 = no push), got {gamma!r}; "
-                         "to steer the other way, steer the opposite dimension's neurons")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"steer.fraction must be in (0, 1], got {fraction!r}")
-    steering = Steering(model, target, float(gamma), opposite, float(fraction), seed)
+    steering = Steering(model, target, check_gamma(gamma), opposite, check_fraction(fraction),
+                        seed)
     with wrap_activations(model, steering):
         yield steering
 
 
+SCALES = ("probability", "p95")
+
+
 @dataclass
-class PolicySteering:
-    """`policy.steer`: value neurons steered while a policy samples, and with `train` also
-    while its loss is scored (so the update refers to the steered policy that sampled)."""
+class SteerSettings:
+    """One way of steering a model: `target` pushed by gamma (its `scale` chosen by name),
+    `opposite` clamped to min(a, 0). Checked once, here. With `train` (`policy.steer`), the
+    policy is also steered while its GRPO loss is scored, so that the update refers to the
+    steered policy that sampled. `name` labels the arm in reports."""
     target: ValueNeurons
     gamma: float
     opposite: ValueNeurons | None = None
     fraction: float = 0.9
     seed: int = 0
     train: bool = True
+    scale: str = "probability"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.gamma = check_gamma(self.gamma, "steer.gamma")
+        self.fraction = check_fraction(self.fraction, "steer.fraction")
+        self.target = self.target.scaled(self.scale)
 
     @classmethod
     def from_config(cls, model: Any, neurons: str | None = None, gamma: float = 1.0,
                     opposite: str | None = None, fraction: float = 0.9, seed: int = 0,
-                    train: bool = True) -> PolicySteering:
+                    train: bool = True, scale: str = "probability") -> SteerSettings:
+        """`policy.steer`: paths to neuron files written by locate_values.py."""
         if not neurons:
             raise ValueError("policy.steer.neurons is empty: give a neurons_<dimension>.json "
                              "written by locate_values.py")
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ValueError(f"policy.steer.gamma must be a number >= 0, got {gamma!r}")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"policy.steer.fraction must be in (0, 1], got {fraction!r}")
-        return cls(ValueNeurons.load(neurons, model), float(gamma),
+        return cls(ValueNeurons.load(neurons, model), gamma,
                    ValueNeurons.load(opposite, model) if opposite else None,
-                   float(fraction), int(seed), bool(train))
+                   fraction, int(seed), bool(train), scale)
 
     def context(self, model: Any) -> Any:
         return steer(model, self.target, self.gamma, self.opposite, self.fraction, self.seed)

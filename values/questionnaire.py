@@ -1,14 +1,7 @@
-"""Measuring a model's value orientation (DESIGN.md section 9): the portrait questionnaire,
-open-ended answers scored by the ValueEval dictionary classifier, and perplexity.
-
-- Questionnaire: at the answer position the model's probabilities over the six option tokens
-  "1".."6" give an expected score per item; scores are centred on the respondent's mean over
-  all items (the usual correction for scale use), then averaged per value, and the values per
-  dimension.
-- Open-ended answers: `pyvalues`' English dictionary classifier labels each sentence with the
-  values whose dictionary words it uses; a value's score is the fraction of sentences so
-  labelled.
-- Perplexity of neutral text, optionally with steering applied at every position.
+"""The portrait questionnaire (DESIGN.md section 9): at the answer position the model's
+probabilities over the six option tokens "1".."6" give an expected score per item; scores are
+centred on the respondent's mean over all items (the usual correction for scale use), then
+averaged per value, and the values per dimension.
 
     probs = answer_probabilities(model, prompts, option_token_ids(tokenizer))   # [n, 6]
     values, dims = centred_scores(expected_scores(probs), item_values, value_dims)
@@ -16,23 +9,15 @@ open-ended answers scored by the ValueEval dictionary classifier, and perplexity
 from __future__ import annotations
 
 import copy
-import math
-import re
-from importlib.resources import files
 from typing import Any, Sequence
 
 import torch
 
-from modules.value_neurons import steering_paused
+from values.hooks import steering_paused
 from samplers.base import cache_keyword, output_cache
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
                 "security", "conformity", "tradition", "benevolence", "universalism")
-_PYVALUES_NAMES = {"Self-Direction": "self_direction", "Stimulation": "stimulation",
-                   "Hedonism": "hedonism", "Achievement": "achievement", "Power": "power",
-                   "Security": "security", "Conformity": "conformity",
-                   "Tradition": "tradition", "Benevolence": "benevolence",
-                   "Universalism": "universalism"}
 
 
 def option_token_ids(tokenizer: Any, options: int = 6) -> list[int]:
@@ -155,75 +140,3 @@ def dimension_shift(base: torch.Tensor, steered: torch.Tensor, item_values: Sequ
     draws /= len(groups)
     low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return point, float(low), float(high)
-
-
-class TextValueScorer:
-    """Scores texts per basic value with the `pyvalues` (ValueEval) English dictionary
-    classifier: the fraction of a text's sentences the classifier labels with the value."""
-
-    def __init__(self, language: str = "en") -> None:
-        try:
-            from pyvalues.dictionary_classifier import OriginalValuesDictionaryClassifier
-        except ImportError as err:
-            raise ImportError("open-ended value scoring needs the `pyvalues` package "
-                              "(make install puts it in .venv)") from err
-        resource = files("pyvalues.assets.dictionaries.20221007") / f"{language}.json"
-        if not resource.is_file():
-            raise ValueError(f"pyvalues has no dictionary for language {language!r}")
-        with resource.open() as handle:
-            self.classifier = OriginalValuesDictionaryClassifier(language=language,
-                                                                 dictionaries=handle)
-        self.language = language
-
-    def labels(self, sentence: str) -> set[str]:
-        (labels,) = list(self.classifier._classify_document([sentence], self.classifier._language))
-        return {_PYVALUES_NAMES[label] for label in labels if label in _PYVALUES_NAMES}
-
-    def score(self, texts: Sequence[str]) -> torch.Tensor:
-        """[n, 10] in BASIC_VALUES order; a text with no sentence scores 0 everywhere."""
-        out = torch.zeros(len(texts), len(BASIC_VALUES), dtype=torch.float64)
-        for row, text in enumerate(texts):
-            sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-            for sentence in sentences:
-                for value in self.labels(sentence):
-                    out[row, BASIC_VALUES.index(value)] += 1.0 / len(sentences)
-        return out
-
-
-def dimension_text_scores(scores: torch.Tensor, value_dims: dict[str, str]) -> dict[str, float]:
-    """[n, 10] per-text value scores -> dimension -> mean over texts and over its values."""
-    means = scores.mean(0)
-    dims: dict[str, list[float]] = {}
-    for k, value in enumerate(BASIC_VALUES):
-        dims.setdefault(value_dims[value], []).append(float(means[k]))
-    return {d: sum(s) / len(s) for d, s in dims.items()}
-
-
-@torch.no_grad()
-def perplexity(model: Any, texts: Sequence[Sequence[int]], steering: Any = None,
-               batch_size: int = 8, pad_token_id: int = 0) -> float:
-    """exp(mean next-token NLL) over all tokens of `texts` after their first. With a
-    `steer(...)` context's Steering, every position is steered (not only a response's)."""
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start: start + batch_size]
-        width = max(len(t) for t in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        valid = torch.zeros_like(ids, dtype=torch.bool)
-        for r, tokens in enumerate(chunk):
-            ids[r, : len(tokens)] = torch.tensor(list(tokens))
-            valid[r, : len(tokens)] = True
-        ids, valid = ids.to(device), valid.to(device)
-        if steering is not None:
-            steering.positions = valid
-        try:
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        finally:
-            if steering is not None:
-                steering.positions = None
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        mask = valid[:, 1:]
-        nll -= float(logp[mask].sum())
-        count += int(mask.sum())
-    return math.exp(nll / max(1, count))

@@ -1,13 +1,16 @@
 """Per-neuron activation statistics of the gated MLPs over selected tokens (DESIGN.md 9).
 
 `ActivationStats` is a torchmetrics `Metric` with sum states only (a histogram per neuron), so
-DDP ranks reduce exactly; `record_activations` feeds it from every forward.
+DDP ranks reduce exactly; `record_activations` feeds it from every forward, and optionally a
+`PromptCounts` with the same counts kept per sequence (what the permutation null and the
+split-half reliability of values/reliability.py resample: whole prompts, never tokens).
 
-    stats = ActivationStats.for_model(model)
-    with record_activations(model, stats) as rec:
+    stats, counts = ActivationStats.for_model(model), PromptCounts.for_model(model)
+    with record_activations(model, stats, counts) as rec:
         rec.mask = response_mask                       # [B, T] bool: the tokens to count
         model(input_ids=ids)
     summary = stats.compute()                          # .prob, .p95: [layers, d_ff]
+    counts.over_zero                                   # [N, layers, d_ff]: per sequence
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torchmetrics import Metric
 
-from modules.mlp_hooks import gated_mlps, mlp_width, wrap_activations
+from values.hooks import gated_mlps, mlp_width, wrap_activations
 
 # Histogram of activations per neuron, for the 95th percentile: bin 0 holds a <= 0, then
 # geometric bins from 1e-3 to 1e2 (about 10% wide), then one overflow bin.
@@ -91,21 +94,76 @@ def _quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
     return value.squeeze(-1).float()
 
 
+class PromptCounts:
+    """Per counted sequence: its token count and, per neuron, how many of its tokens had
+    a > 0. Rows are appended in forward order (one per row of each recorded batch)."""
+
+    def __init__(self, layers: int, d_ff: int) -> None:
+        self.layers, self.d_ff = layers, d_ff
+        self._rows: list[torch.Tensor] = []  # int32 [B, layers, d_ff] per batch
+        self._tokens: list[torch.Tensor] = []
+
+    @classmethod
+    def for_model(cls, model: Any) -> PromptCounts:
+        mlps = gated_mlps(model)
+        return cls(len(mlps), mlp_width(mlps[0]))
+
+    @classmethod
+    def of(cls, over_zero: torch.Tensor, tokens: torch.Tensor) -> PromptCounts:
+        counts = cls(over_zero.shape[1], over_zero.shape[2])
+        counts._rows, counts._tokens = [over_zero.int()], [tokens.long()]
+        return counts
+
+    def update(self, layer: int, activations: torch.Tensor, mask: torch.Tensor) -> None:
+        mask = mask.to(activations.device)
+        positive = ((activations > 0) & mask[..., None]).sum(1).int().cpu()  # [B, d_ff]
+        if layer == 0:
+            self._rows.append(torch.zeros(len(positive), self.layers, self.d_ff,
+                                          dtype=torch.int32))
+            self._tokens.append(mask.sum(1).long().cpu())
+        self._rows[-1][:, layer] = positive
+
+    @property
+    def over_zero(self) -> torch.Tensor:  # int32 [N, layers, d_ff]
+        if len(self._rows) > 1:
+            self._rows = [torch.cat(self._rows)]
+            self._tokens = [torch.cat(self._tokens)]
+        return self._rows[0] if self._rows else torch.zeros(0, self.layers, self.d_ff,
+                                                            dtype=torch.int32)
+
+    @property
+    def tokens(self) -> torch.Tensor:  # long [N]
+        self.over_zero  # noqa: B018 - concatenates both lists
+        return self._tokens[0] if self._tokens else torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    def prob(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[layers, d_ff]: the pooled activation probability of `rows` (default all)."""
+        over, tokens = self.over_zero, self.tokens
+        if rows is not None:
+            over, tokens = over[rows], tokens[rows]
+        return over.sum(0).double().div(max(int(tokens.sum()), 1)).float()
+
+
 class _Recorder:
-    def __init__(self, stats: ActivationStats) -> None:
-        self.stats, self.mask = stats, None
+    def __init__(self, sinks: list[Any]) -> None:
+        self.sinks, self.mask = sinks, None
 
     def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             raise ValueError("record_activations: set `.mask` ([B, T] bool) before the forward")
-        self.stats.update(layer, a.detach(), self.mask)
+        for sink in self.sinks:
+            sink.update(layer, a.detach(), self.mask)
         return a
 
 
 @contextmanager
-def record_activations(model: Any, stats: ActivationStats) -> Iterator[_Recorder]:
-    """Feed every gated-MLP activation of each forward into `stats`, at the tokens of the
-    recorder's `.mask` ([B, T] bool, set before each forward)."""
-    recorder = _Recorder(stats)
+def record_activations(model: Any, stats: ActivationStats,
+                       counts: PromptCounts | None = None) -> Iterator[_Recorder]:
+    """Feed every gated-MLP activation of each forward into `stats` (and per sequence into
+    `counts`), at the tokens of the recorder's `.mask` ([B, T] bool, set before each forward)."""
+    recorder = _Recorder([stats] if counts is None else [stats, counts])
     with wrap_activations(model, recorder):
         yield recorder

@@ -3,7 +3,7 @@ and run a function on every layer's activation a = act_fn(gate_proj(x)).
 
 `wrap_activations(model, fn)` swaps each MLP's `act_fn` for a wrapper that returns
 `fn(layer, a)` and puts the original back on exit; value-neuron statistics and steering
-(modules/value_neurons.py) are both built on it.
+(values/neurons.py) are both built on it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,118 @@
+"""Teacher-forced log-likelihood of continuations after contexts, steered at every position
+that predicts a continuation token: the measure behind the dilemma, lettered and statement
+instruments (values/instruments.py).
+
+Steering acts only at positions that predict a continuation token: the context's last
+position and every continuation position but the last. Everything before the context's last
+token is therefore the same under every steering condition, so its KV is computed once,
+unsteered, and each condition costs one forward over (last context token + continuation).
+
+    scorer = ContinuationScorer(model, [(context_ids, answer_ids), ...], pad_token_id=0)
+    mean_logp = scorer.mean_logprobs(model)                  # [n]: nats per answer token
+    with settings.context(model) as steering:
+        steered = scorer.mean_logprobs(model, steering)
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import torch
+
+from samplers.base import cache_keyword, output_cache
+from values.hooks import steering_paused
+
+
+class ContinuationScorer:
+    """Rows (context ids, continuation ids); contexts of >= 2 tokens, continuations >= 1."""
+
+    @torch.no_grad()
+    def __init__(self, model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 pad_token_id: int = 0, batch_size: int = 16) -> None:
+        if not rows:
+            raise ValueError("nothing to score: no (context, continuation) row")
+        if any(len(c) < 2 or len(x) < 1 for c, x in rows):
+            raise ValueError("every context needs two tokens and every continuation one")
+        device = next(model.parameters()).device
+        self.batches = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            prefix = [list(c[:-1]) for c, _ in chunk]
+            suffix = [[c[-1], *x] for c, x in chunk]
+            width, tail = max(map(len, prefix)), max(map(len, suffix))
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)  # [b, P]
+            attention = torch.zeros(len(chunk), width + tail, dtype=torch.long)  # [b, P+S]
+            tail_ids = torch.full((len(chunk), tail), pad_token_id, dtype=torch.long)  # [b, S]
+            for r, (p, s) in enumerate(zip(prefix, suffix)):
+                ids[r, width - len(p):] = torch.tensor(p)
+                attention[r, width - len(p): width + len(s)] = 1
+                tail_ids[r, : len(s)] = torch.tensor(s)
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, P+S]
+            lengths = torch.tensor([len(s) - 1 for s in suffix])  # continuation tokens
+            with steering_paused(model):
+                out = model(input_ids=ids.to(device), attention_mask=attention[:, :width].to(
+                    device), position_ids=positions[:, :width].to(device), use_cache=True)
+            self.batches.append((output_cache(out), tail_ids.to(device), attention.to(device),
+                                 positions[:, width:].to(device), lengths))
+
+    def __len__(self) -> int:
+        return sum(len(b[4]) for b in self.batches)
+
+    @torch.no_grad()
+    def sum_logprobs(self, model: Any, steering: Any = None) -> tuple[torch.Tensor, ...]:
+        """([n] summed log-probability of each continuation, [n] its token count), float64
+        on the CPU. With a `steer(...)` context's Steering, the continuation-predicting
+        positions are steered."""
+        sums, counts = [], []
+        for cache, tail, attention, positions, lengths in self.batches:
+            predicts = torch.arange(tail.shape[1])[None, :] < lengths[:, None]  # [b, S]
+            if steering is not None:
+                steering.positions = predicts
+            try:
+                logits = model(input_ids=tail, attention_mask=attention, position_ids=positions,
+                               use_cache=True, **{cache_keyword(model): copy.deepcopy(cache)}
+                               ).logits.float()  # [b, S, V]
+            finally:
+                if steering is not None:
+                    steering.positions = None
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(
+                -1, tail[:, 1:, None]).squeeze(-1).double().cpu()  # [b, S-1]
+            sums.append((logp * predicts[:, :-1]).sum(-1))
+            counts.append(lengths.double())
+        return torch.cat(sums), torch.cat(counts)
+
+    def mean_logprobs(self, model: Any, steering: Any = None) -> torch.Tensor:
+        """[n]: nats per continuation token (the length-normalised log-likelihood)."""
+        total, count = self.sum_logprobs(model, steering)
+        return total / count
+
+
+@torch.no_grad()
+def perplexity(model: Any, texts: Sequence[Sequence[int]], steering: Any = None,
+               batch_size: int = 8, pad_token_id: int = 0) -> float:
+    """exp(mean next-token NLL) over all tokens of `texts` after their first. With a
+    `steer(...)` context's Steering, every position is steered (not only a response's)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        width = max(len(t) for t in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        for r, tokens in enumerate(chunk):
+            ids[r, : len(tokens)] = torch.tensor(list(tokens))
+            valid[r, : len(tokens)] = True
+        ids, valid = ids.to(device), valid.to(device)
+        if steering is not None:
+            steering.positions = valid
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        finally:
+            if steering is not None:
+                steering.positions = None
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = valid[:, 1:]
+        nll -= float(logp[mask].sum())
+        count += int(mask.sum())
+    return math.exp(nll / max(1, count))

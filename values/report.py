@@ -1,0 +1,279 @@
+"""Tables, verdicts and plots of a value-neuron run: Markdown + CSV tables, PNG figures.
+
+    write_table(rows, out_dir / "effects")          # effects.md and effects.csv
+    verdict = verdicts(measurement, instruments, dims, gammas)
+    fig = dose_figure(measurement, "dilemmas", dims, gammas)
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from values.effects import NAN, Effect  # noqa: E402
+
+MAX_PERPLEXITY_RATIO = 1.5
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def write_table(rows: list[dict[str, Any]], stem: Path, title: str = "") -> str:
+    """Write rows as `<stem>.csv` and `<stem>.md`; return the Markdown."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"## {title}\n" if title else "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
+    text = "\n".join(line for line in lines if line) + "\n"
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+@dataclass
+class InstrumentRow:
+    """One instrument's line in a dimension's verdict table."""
+    instrument: str
+    control: bool
+    persona: Effect
+    gamma: float  # the gamma reported: the largest located-minus-random effect within budget
+    located: Effect
+    random: Effect
+    located_minus_random: Effect
+    reverse: Effect
+    perplexity_ratio: float
+
+    def cells(self) -> dict[str, Any]:
+        return {"instrument": self.instrument, "control passed": "yes" if self.control else
+                "no (uninformative)", "persona effect": str(self.persona),
+                "gamma": self.gamma, "located": str(self.located),
+                "random": str(self.random),
+                "located - random": str(self.located_minus_random),
+                "reverse": str(self.reverse), "perplexity ratio": self.perplexity_ratio}
+
+
+def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float]) -> InstrumentRow:
+    """The row at the gamma (> 0) with the largest located-minus-random effect whose located
+    arm keeps the perplexity ratio <= MAX_PERPLEXITY_RATIO."""
+    candidates = [g for g in gammas if g > 0 and (instrument, dim, g) in m.contrasts]
+    within = [g for g in candidates
+              if m.perplexity.get(f"located:{dim}@{g:g}", 1.0) <= MAX_PERPLEXITY_RATIO]
+    pick = max(within or candidates or [float("nan")],
+               key=lambda g: m.contrasts.get((instrument, dim, g), NAN).point
+               if not math.isnan(g) else 0.0)
+    return InstrumentRow(
+        instrument, m.passes(instrument, dim), m.persona.get((instrument, dim), NAN), pick,
+        m.arms.get((instrument, dim, "located", pick), NAN),
+        m.arms.get((instrument, dim, "random", pick), NAN),
+        m.contrasts.get((instrument, dim, pick), NAN),
+        m.arms.get((instrument, dim, "reverse", pick), NAN),
+        m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")))
+
+
+def verdict(dim: str, rows: list[InstrumentRow]) -> tuple[str, str]:
+    """(shown | refuted | not testable, one paragraph) for a dimension."""
+    valid = [r for r in rows if r.control]
+    failed = ", ".join(f"{r.instrument} {r.persona}" for r in rows if not r.control)
+    if not valid:
+        return "not testable on this model", (
+            f"No instrument passes its positive control for {dim}: a persona prompt of this "
+            f"pole does not move any of them the intended way with an interval excluding 0 "
+            f"(persona effects: {failed or 'none measured'}). Nothing is concluded.")
+    shown = [r for r in valid if r.located_minus_random.low > 0]
+    opposite = [r for r in valid if r.located_minus_random.high < 0]
+    lines = "; ".join(f"{r.instrument}: located - random {r.located_minus_random} at gamma "
+                      f"{r.gamma:g} (reverse {r.reverse}, perplexity x{r.perplexity_ratio:.2f})"
+                      for r in valid)
+    tail = f" Instruments that fail their control (not read): {failed}." if failed else ""
+    if shown:
+        return "shown", (f"Steering the located {dim} neurons moves {len(shown)} of "
+                         f"{len(valid)} valid instrument(s) toward {dim} beyond random "
+                         f"neurons of the same per-layer count: {lines}.{tail}")
+    against = (f" {len(opposite)} valid instrument(s) move the other way beyond random."
+               if opposite else "")
+    return "refuted", (f"With {len(valid)} valid instrument(s), the located {dim} neurons do "
+                       f"not move the instrument toward {dim} beyond random neurons at any "
+                       f"gamma within the perplexity budget: {lines}.{against}{tail}")
+
+
+def dose_figure(m: Any, instrument: str, dims: Sequence[str],
+                gammas: Sequence[float]) -> plt.Figure:
+    """One panel per dimension: the effect toward it vs gamma for the located, random and
+    reverse arms (95% bands), the persona control as a dashed line."""
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.6), squeeze=False)
+    styles = {"located": "tab:blue", "random": "tab:grey", "reverse": "tab:red"}
+    for ax, dim in zip(axes[0], dims):
+        for kind, color in styles.items():
+            sel = [(g, m.arms[(instrument, dim, kind, g)]) for g in gammas
+                   if (instrument, dim, kind, g) in m.arms]
+            if not sel:
+                continue
+            g = [x for x, _ in sel]
+            ax.plot(g, [e.point for _, e in sel], color=color, marker="o", ms=3, label=kind)
+            ax.fill_between(g, [e.low for _, e in sel], [e.high for _, e in sel], color=color,
+                            alpha=0.12)
+        persona = m.persona.get((instrument, dim))
+        if persona is not None:
+            ax.axhline(persona.point, color="tab:green", ls="--", lw=1, label="persona")
+        ax.axhline(0.0, color="black", lw=0.5)
+        passed = "control passed" if m.passes(instrument, dim) else "control FAILED"
+        ax.set_title(f"{dim.replace('_', ' ')}\n({passed})", fontsize="small")
+        ax.set_xlabel("gamma")
+    axes[0][0].set_ylabel(f"{instrument}: effect toward the dimension")
+    axes[0][-1].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def radar_figure(values: Sequence[str], series: dict[str, Sequence[float]],
+                 title: str = "") -> plt.Figure:
+    """The 10 basic values' centred scores, one closed line per series (before / after)."""
+    angles = [2 * math.pi * k / len(values) for k in range(len(values))]
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="polar")
+    low = min(min(s) for s in series.values())
+    offset = -low + 0.2 if low < 0 else 0.0  # polar radii must be >= 0: shift all series
+    for name, scores in series.items():
+        radii = [s + offset for s in scores]
+        ax.plot(angles + angles[:1], radii + radii[:1], label=name)
+        ax.fill(angles + angles[:1], radii + radii[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([v.replace("_", "\n") for v in values], fontsize="small")
+    ax.set_yticklabels([])
+    ax.set_title(title + (f"\n(radius = centred score + {offset:.2f})" if offset else ""),
+                 fontsize="small")
+    ax.legend(loc="upper left", fontsize="x-small", bbox_to_anchor=(-0.15, 1.12))
+    fig.tight_layout()
+    return fig
+
+
+def layer_figure(histograms: dict[str, list[int]]) -> plt.Figure:
+    """Located neurons per layer, one bar series per dimension."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / max(1, len(histograms))
+    for k, (dim, counts) in enumerate(histograms.items()):
+        ax.bar([i + k * width for i in range(len(counts))], counts, width, label=dim)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_rows(items: Sequence[Any]) -> tuple[list[dict], list[dict]]:
+    """(one row per dimension and contrast, one row per point of the split-half curve)."""
+    summary, curve = [], []
+    for r in items:
+        full = r.curve[-1]
+        summary.append({"dimension": r.dimension, "contrast": r.contrast,
+                        "set size": r.set_size, "above null max 95%": r.above95,
+                        "above null max 99%": r.above99, "FDR of the set": r.fdr_at_set,
+                        "kept at FDR 5%": r.fdr05_count,
+                        "prompts per half": full.prompts_per_half,
+                        "split-half Spearman": full.spearman,
+                        "Spearman-Brown (all prompts)": full.spearman_brown,
+                        "top-k Jaccard": full.jaccard})
+        curve += [{"dimension": r.dimension, "contrast": r.contrast,
+                   "prompts per half": p.prompts_per_half, "spearman": p.spearman,
+                   "jaccard": p.jaccard} for p in r.curve]
+    return summary, curve
+
+
+def reliability_figure(curve: list[dict]) -> plt.Figure:
+    """Split-half Spearman and top-k Jaccard against prompts per half, per dimension."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    keys = dict.fromkeys((r["dimension"], r["contrast"]) for r in curve)
+    for dim, contrast in keys:
+        rows = [r for r in curve if (r["dimension"], r["contrast"]) == (dim, contrast)]
+        line = "-" if contrast == "reversed" else ":"
+        for ax, key in zip(axes, ("spearman", "jaccard")):
+            ax.plot([r["prompts per half"] for r in rows], [r[key] for r in rows], line,
+                    marker="o", ms=3, label=f"{dim} ({contrast})")
+    for ax, name in zip(axes, ("split-half Spearman of delta", "top-k Jaccard")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("location prompts per half")
+        ax.set_ylabel(name)
+    axes[0].axhline(0.8, color="grey", lw=0.6)
+    axes[1].legend(fontsize="xx-small")
+    fig.tight_layout()
+    return fig
+
+
+def effect_rows(m: Any) -> list[dict]:
+    """Every measured effect, one row each (the CSV behind the plots)."""
+    rows = [{"instrument": i, "dimension": d, "arm": "persona", "gamma": float("nan"),
+             "effect": e.point, "low": e.low, "high": e.high, "perplexity_ratio": float("nan")}
+            for (i, d), e in m.persona.items()]
+    rows += [{"instrument": i, "dimension": d, "arm": k, "gamma": g, "effect": e.point,
+              "low": e.low, "high": e.high,
+              "perplexity_ratio": m.perplexity.get(f"{k}:{d}@{g:g}", float("nan"))}
+             for (i, d, k, g), e in m.arms.items()]
+    rows += [{"instrument": i, "dimension": d, "arm": "located - random", "gamma": g,
+              "effect": e.point, "low": e.low, "high": e.high,
+              "perplexity_ratio": float("nan")} for (i, d, g), e in m.contrasts.items()]
+    return rows
+
+
+def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[str],
+                 gammas: Sequence[float], sets_rows: list[dict], reliability: Sequence[Any],
+                 layer_counts: dict[str, list[int]], header: str = "") -> dict[str, float]:
+    """summary.md (verdicts first), CSV/MD tables, PNG plots, TensorBoard, control.json;
+    returns the run's scalar metrics."""
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
+    for dim in dims:
+        rows = [instrument_row(m, name, dim, gammas) for name in instruments]
+        verdicts[dim] = verdict(dim, rows)
+        gate[dim] = {r.instrument: r.control for r in rows}
+        text = write_table([r.cells() for r in rows], out / f"verdict_{dim}",
+                           f"{dim}: {verdicts[dim][0]}")
+        tables.append(text + "\n" + verdicts[dim][1] + "\n")
+        for r in rows:
+            metrics[f"{r.instrument}/{dim}/persona"] = r.persona.point
+            metrics[f"{r.instrument}/{dim}/located_minus_random"] = r.located_minus_random.point
+    (out / "control.json").write_text(json.dumps(gate, indent=1))
+    tables.append(write_table(sets_rows, out / "neurons", "Located neuron sets"))
+    summary, curve = reliability_rows(reliability)
+    if summary:
+        tables.append(write_table(summary, out / "reliability",
+                                  "Reliability: permutation null and split-half"))
+        write_table(curve, out / "reliability_curve")
+    write_table(effect_rows(m), out / "effects")
+    tables.append(write_table([{"arm": k, "perplexity ratio": v} for k, v in
+                               m.perplexity.items()], out / "perplexity",
+                              f"Neutral-text perplexity ratio (base {m.base_perplexity:.3f})"))
+    metrics["perplexity/base"] = m.base_perplexity
+    figures = {f"dose_{name}": dose_figure(m, name, dims, gammas) for name in instruments}
+    figures["layers"] = layer_figure(layer_counts)
+    if curve:
+        figures["reliability"] = reliability_figure(curve)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=110)
+        writer.add_figure(f"values/{name}", fig)
+        plt.close(fig)
+    for (name, dim, kind, g), e in m.arms.items():
+        writer.add_scalar(f"values/{name}/{dim}/{kind}", e.point, global_step=round(100 * g))
+    for k, text in enumerate(t for t in tables if t):
+        writer.add_text("values/summary", text, global_step=k)
+    writer.close()
+    (out / "summary.md").write_text("\n".join(t for t in tables if t))
+    return metrics
