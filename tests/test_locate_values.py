@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from locate_values import locate_values
-from modules.value_neurons import DIMENSIONS, ValueNeurons, model_signature, steer
+from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
 from tests.conftest import CONFIGS, ROOT
 from train import train
 

@@ -1,7 +1,9 @@
-"""Value data and value measurement: the shipped data's coverage, questionnaire scoring by
-hand, left-padding against unpadded forwards, pyvalues scoring, perplexity by hand."""
+"""Value data and the questionnaire: the shipped data's coverage and splits, questionnaire
+scoring by hand, left-padding against unpadded forwards, pyvalues scoring, perplexity by hand.
+(The other instruments: tests/test_value_instruments.py.)"""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from contextlib import nullcontext
@@ -9,12 +11,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from datamodules.values import AXIS_OF, ValuePrompts, load_value_data
-from modules.value_eval import (BASIC_VALUES, AnswerCache, TextValueScorer, answer_probabilities,
-                                centred_scores, dimension_shift, expected_scores,
-                                option_token_ids, perplexity)
-from modules.value_neurons import DIMENSIONS, OPPOSITE, ValueNeurons, model_signature, steer
 from tests.helpers import tiny_lm
+from values.data import AXIS_OF, load_value_data
+from values.judges import TextValueScorer
+from values.likelihood import perplexity
+from values.neurons import DIMENSIONS, OPPOSITE, ValueNeurons, model_signature, steer
+from values.prompts import ValuePrompts
+from values.questionnaire import BASIC_VALUES, AnswerCache, answer_probabilities, \
+    expected_scores, option_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +28,41 @@ def data():
 
 def test_shipped_data_covers_every_pole_dimension_and_value(data):
     for pole in DIMENSIONS:
-        assert len(data.descriptions_of(pole)) >= 20
-        assert len(set(data.descriptions_of(pole))) == len(data.descriptions_of(pole))
         for split in ("locate", "validate"):
+            statements = data.statements(pole, split)
+            assert len(statements) >= 30 and len(set(statements)) == len(statements)
+            assert len(data.statements(pole, split, reversed_=True)) == len(statements)
             assert len(data.questions(pole, split)) >= 20
+        assert len(data.personas(pole)) >= 4
         assert len(data.questions(pole, "locate")) + len(data.questions(pole, "validate")) >= 60
     # the two poles of an axis are contrasted on the same questions
     for pole in DIMENSIONS:
         assert AXIS_OF[pole] == AXIS_OF[OPPOSITE[pole]]
     domains = {r["domain"] for r in data.question_rows}
     assert domains == {"work", "family", "money", "community", "travel", "rules"}
+    # every held-out dilemma has one answer per pole of its axis, none used for location
+    validate = {r["id"] for r in data.question_rows if r["split"] == "validate"}
+    assert {r["question"] for r in data.answer_rows} == validate
+    for axis in ("openness_vs_conservation", "enhancement_vs_transcendence"):
+        assert len(data.dilemmas(axis)) == 40
+
+
+def test_no_statement_is_both_a_location_and_a_validation_statement(tmp_path):
+    """Read the file directly (not through the loader), then make the loader refuse a copy
+    whose validation split repeats a location statement."""
+    from values.data import DATA_DIR
+
+    rows = [json.loads(line) for line in (DATA_DIR / "descriptions.jsonl").open()]
+    texts = {s: {" ".join(t.lower().split()) for r in rows if r["split"] == s
+                 for t in (r["text"], r["reversed"])} for s in ("locate", "validate")}
+    assert texts["locate"] and texts["validate"] and not texts["locate"] & texts["validate"]
+    assert {r["split"] for r in rows} == {"locate", "validate"}
+    shutil.copytree(DATA_DIR, tmp_path / "d")
+    leak = next(r for r in rows if r["split"] == "locate")
+    with open(tmp_path / "d" / "descriptions.jsonl", "a") as handle:
+        handle.write(json.dumps({**leak, "id": "leak", "split": "validate"}) + "\n")
+    with pytest.raises(ValueError, match="in both the locate and the validate split"):
+        load_value_data(str(tmp_path / "d"))
 
 
 def test_scoring_key_covers_every_item(data):
@@ -48,7 +77,7 @@ def test_scoring_key_covers_every_item(data):
 
 
 def test_bad_value_data_is_named(tmp_path, data):
-    from datamodules.values import DATA_DIR
+    from values.data import DATA_DIR
 
     shutil.copytree(DATA_DIR, tmp_path / "d")
     (tmp_path / "d" / "questions.jsonl").write_text("")
@@ -57,33 +86,26 @@ def test_bad_value_data_is_named(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_value_data(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not a value dimension"):
-        data.descriptions_of("hedonism_plus")
+        data.statements("hedonism_plus", "locate")
+    # an instrument whose data lacks a pole is named
+    shutil.copytree(DATA_DIR, tmp_path / "e")
+    answers = (tmp_path / "e" / "dilemma_answers.jsonl").read_text().splitlines()
+    (tmp_path / "e" / "dilemma_answers.jsonl").write_text(
+        "\n".join(a for a in answers if '"conservation"' not in a) + "\n")
+    with pytest.raises(ValueError, match="answered for both poles"):
+        load_value_data(str(tmp_path / "e"))
+    shutil.copytree(DATA_DIR, tmp_path / "f")
+    personas = (tmp_path / "f" / "personas.jsonl").read_text().splitlines()
+    (tmp_path / "f" / "personas.jsonl").write_text(
+        "\n".join(p for p in personas if '"self_enhancement"' not in p) + "\n")
+    with pytest.raises(ValueError, match="no persona for pole 'self_enhancement'"):
+        load_value_data(str(tmp_path / "f"))
 
 
-def test_expected_and_centred_scores_by_hand():
+def test_expected_scores_by_hand():
     probs = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.5, 0.5], [0.25, 0, 0, 0, 0, 0.75],
                           [0, 0, 1, 0, 0, 0]], dtype=torch.float64)
-    scores = expected_scores(probs)
-    assert scores.tolist() == [1.0, 5.5, 4.75, 3.0]
-    values, dims = centred_scores(scores, ["power", "benevolence", "power", "universalism"],
-                                  {"power": "self_enhancement", "benevolence": "self_transcendence",
-                                   "universalism": "self_transcendence"})
-    mean = (1 + 5.5 + 4.75 + 3) / 4  # 3.5625
-    assert values["power"] == pytest.approx((1 + 4.75) / 2 - mean)
-    assert dims["self_transcendence"] == pytest.approx(((5.5 - mean) + (3 - mean)) / 2)
-
-
-def test_dimension_shift_and_interval():
-    item_values = ["power", "power", "achievement", "benevolence"]
-    dims = {"power": "self_enhancement", "achievement": "self_enhancement",
-            "benevolence": "self_transcendence"}
-    base = torch.tensor([3.0, 3.0, 3.0, 3.0])
-    steered = torch.tensor([4.0, 5.0, 3.0, 3.0])
-    shift, low, high = dimension_shift(base, steered, item_values, dims, "self_enhancement",
-                                       boot=500)
-    centred = steered - steered.mean()  # base is flat: its centred scores are all 0
-    assert shift == pytest.approx(((centred[0] + centred[1]) / 2 + centred[2]) / 2)
-    assert low <= shift <= high and low >= float(centred[:3].min())
+    assert expected_scores(probs).tolist() == [1.0, 5.5, 4.75, 3.0]
 
 
 def test_answer_probabilities_equal_unpadded_forwards(char_tokenizer):

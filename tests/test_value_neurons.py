@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from tests.helpers import tiny_lm
-from modules.value_neurons import (ActivationStats, ValueNeurons, activation_probability,
+from values.neurons import (ActivationStats, ValueNeurons, activation_probability,
                                    gated_mlps, model_signature, random_control,
                                    record_activations, select_lape, select_neurons, steer)
 from samplers.base import GenerationSpec

@@ -48,7 +48,7 @@ def check_dimension(name: str, setting: str = "dimension") -> str:
 def check_gamma(gamma: object, setting: str = "steer.gamma") -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0 \
             or math.isnan(gamma) or math.isinf(gamma):
-        raise ValueError(f"{setting} must be numbers >= 0 (0 = no push), got {gamma!r}; to "
+        raise ValueError(f"{setting} must be a number >= 0 (0 = no push), got {gamma!r}; to "
                          "steer the other way, steer the opposite dimension's neurons")
     return float(gamma)
 
@@ -345,6 +345,8 @@ class SteerSettings:
         if not neurons:
             raise ValueError("policy.steer.neurons is empty: give a neurons_<dimension>.json "
                              "written by locate_values.py")
+        check_gamma(gamma, "policy.steer.gamma")
+        check_fraction(fraction, "policy.steer.fraction")
         return cls(ValueNeurons.load(neurons, model), gamma,
                    ValueNeurons.load(opposite, model) if opposite else None,
                    fraction, int(seed), bool(train), scale)

@@ -1,10 +1,10 @@
 """The portrait questionnaire (DESIGN.md section 9): at the answer position the model's
-probabilities over the six option tokens "1".."6" give an expected score per item; scores are
-centred on the respondent's mean over all items (the usual correction for scale use), then
-averaged per value, and the values per dimension.
+probabilities over the six option tokens "1".."6" give an expected score per item. The
+`questionnaire` instrument (values/instruments.py) contrasts the items of an axis's two poles,
+which removes the respondent's overall scale use (the usual centring) by construction.
 
     probs = answer_probabilities(model, prompts, option_token_ids(tokenizer))   # [n, 6]
-    values, dims = centred_scores(expected_scores(probs), item_values, value_dims)
+    scores = expected_scores(probs)                                              # [n], 1..6
 """
 from __future__ import annotations
 
@@ -105,38 +105,3 @@ def expected_scores(probs: torch.Tensor) -> torch.Tensor:
     """[n, K] option probabilities -> [n] expected answer in 1..K."""
     levels = torch.arange(1, probs.shape[-1] + 1, dtype=probs.dtype)
     return (probs * levels).sum(-1) / probs.sum(-1)
-
-
-def centred_scores(scores: torch.Tensor, item_values: Sequence[str],
-                   value_dims: dict[str, str]) -> tuple[dict[str, float], dict[str, float]]:
-    """Item scores [n] -> (value -> mean centred score, dimension -> mean of its values)."""
-    centred = scores.double() - scores.double().mean()
-    values = {}
-    for value in dict.fromkeys(item_values):
-        rows = torch.tensor([v == value for v in item_values])
-        values[value] = float(centred[rows].mean())
-    dims: dict[str, list[float]] = {}
-    for value, score in values.items():
-        dims.setdefault(value_dims[value], []).append(score)
-    return values, {d: sum(s) / len(s) for d, s in dims.items()}
-
-
-def dimension_shift(base: torch.Tensor, steered: torch.Tensor, item_values: Sequence[str],
-                    value_dims: dict[str, str], dimension: str, boot: int = 1000,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """Centred dimension score of `steered` minus that of `base` (both [n], paired by item),
-    with a 95% bootstrap interval over items (resampled within each value)."""
-    diff = (steered.double() - steered.double().mean()) - (base.double() - base.double().mean())
-    groups = [torch.tensor([i for i, v in enumerate(item_values) if v == value])
-              for value in dict.fromkeys(item_values) if value_dims[value] == dimension]
-    if not groups:
-        raise ValueError(f"the questionnaire has no item for dimension {dimension!r}")
-    point = sum(float(diff[g].mean()) for g in groups) / len(groups)
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.zeros(boot, dtype=torch.float64)
-    for g in groups:
-        picks = g[torch.randint(len(g), (boot, len(g)), generator=gen)]  # [boot, n_value]
-        draws += diff[picks].mean(-1)
-    draws /= len(groups)
-    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return point, float(low), float(high)

@@ -1,0 +1,124 @@
+"""How much of a neuron set is signal: per-prompt counts against forward hooks, the
+permutation null and split-half reliability on a model with a planted neuron, Spearman and
+the FDR threshold by hand, and the selection classes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_value_neurons import PLANTED, POLE_A, POLE_B, hooked_acts, planted_model, \
+    pole_batch
+from values.neurons import ActivationStats
+from values.reliability import (BINS, NullDistribution, average_ranks, jaccard,
+                                permutation_null, spearman, split_half)
+from values.selection import NullFdr, TopDelta
+from values.experiment import SourceStats, response_statistics
+from values.statistics import PromptCounts
+
+
+def counts_of(model, tokens, seeds, rows=4, width=12) -> SourceStats:
+    stats, counts = ActivationStats.for_model(model), PromptCounts.for_model(model)
+    for seed in seeds:
+        ids, mask = pole_batch(tokens, seed=seed, rows=rows, width=width)
+        response_statistics(model, ids, mask, stats, batch_size=3, counts=counts)
+    return SourceStats(stats.compute(), counts)
+
+
+def test_prompt_counts_match_forward_hooks():
+    model = planted_model()
+    ids, mask = pole_batch(POLE_A, seed=3, rows=5, width=10)
+    mask[1, 7:] = False  # rows count different numbers of tokens
+    stats, counts = ActivationStats.for_model(model), PromptCounts.for_model(model)
+    response_statistics(model, ids, mask, stats, batch_size=2, counts=counts)
+    acts = hooked_acts(model, ids)  # [layers] of [B, T, D]
+    for r in range(5):
+        expected = torch.stack([(a[r][mask[r]] > 0).sum(0) for a in acts])  # [L, D]
+        assert torch.equal(counts.over_zero[r], expected.int())
+        assert int(counts.tokens[r]) == int(mask[r].sum())
+    torch.testing.assert_close(counts.prob(), stats.compute().prob)
+
+
+def test_planted_neuron_is_above_the_null_and_a_shuffled_copy_is_not():
+    model = planted_model()
+    a = counts_of(model, POLE_A, range(0, 6))  # 24 prompts of pole A
+    b = counts_of(model, POLE_B, range(6, 12))
+    delta = a.summary.prob - b.summary.prob
+    null = permutation_null(a.counts, b.counts, shuffles=100, seed=0)
+    assert float(delta[0, PLANTED]) == 1.0
+    assert bool(null.family_wise(delta, 0.99)[0, PLANTED])
+    assert null.max_quantile(0.99) < 0.6
+    # a shuffled copy: both sides hold A and B prompts alike -> nothing clears the null
+    mixed = [PromptCounts.of(torch.cat([a.counts.over_zero[k::2], b.counts.over_zero[k::2]]),
+                             torch.cat([a.counts.tokens[k::2], b.counts.tokens[k::2]]))
+             for k in (0, 1)]
+    mixed_delta = mixed[0].prob() - mixed[1].prob()
+    mixed_null = permutation_null(mixed[0], mixed[1], shuffles=100, seed=1)
+    assert not bool(mixed_null.family_wise(mixed_delta, 0.95)[0, PLANTED])
+    assert abs(float(mixed_delta[0, PLANTED])) < 0.2
+    # null_fdr keeps the planted neuron and drops most of top_delta's noise
+    stats = {"a": a, "b": b}
+    loose = TopDelta(top_k=40, min_delta=0.5)(stats, "a", "b")
+    strict = NullFdr(top_k=40, min_delta=0.5, q=0.05)(stats, "a", "b", null)
+    assert (0, PLANTED) in set(zip(strict.layer.tolist(), strict.index.tolist()))
+    assert len(strict) < len(loose)
+    with pytest.raises(ValueError, match="null_shuffles must be >= 1"):
+        permutation_null(a.counts, b.counts, shuffles=0)
+
+
+def test_null_recomputes_delta_from_whole_prompts():
+    """Each shuffle's maximum equals delta recomputed by hand from the same permutation."""
+    gen = torch.Generator().manual_seed(0)
+    over = torch.randint(0, 5, (6, 1, 3), generator=gen)
+    tokens = torch.full((6,), 5)
+    pos, neg = PromptCounts.of(over[:3], tokens[:3]), PromptCounts.of(over[3:], tokens[3:])
+    null = permutation_null(pos, neg, shuffles=4, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    for s in range(4):
+        order = torch.randperm(6, generator=gen)
+        first, rest = order[:3], order[3:]
+        delta = over[first].sum(0) / 15.0 - over[rest].sum(0) / 15.0
+        assert float(null.maxima[s]) == pytest.approx(float(delta.max()), abs=1e-6)
+    assert float(null.histogram.sum()) == 4 * 3
+
+
+def test_fdr_threshold_by_hand():
+    hist = torch.zeros(BINS, dtype=torch.float64)
+    centre = (BINS - 1) // 2
+    hist[centre] = 10 * 2  # 2 shuffles: each has 10 deltas of 0 ...
+    hist[centre + 200] = 2  # ... and one of 0.1
+    null = NullDistribution(torch.tensor([0.1, 0.1]), hist)
+    delta = torch.tensor([0.5, 0.4, 0.3, 0.05, 0.0])
+    # observed >= 0.3: 3, null expects 0 -> FDR 0; >= 0.05: 4 observed, 1 expected -> 0.25
+    assert null.fdr(delta, 0.3) == 0.0 and null.fdr(delta, 0.05) == pytest.approx(0.25)
+    assert null.fdr_threshold(delta, 0.05) == pytest.approx(0.3)
+    assert null.fdr_threshold(delta, 0.3) == pytest.approx(0.05)
+
+
+def test_spearman_with_ties_by_hand():
+    assert average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])) == \
+        pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == \
+        pytest.approx(-1.0)
+    # ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: Pearson of the ranks
+    a, b = torch.tensor([1.0, 2.5, 2.5, 4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    a, b = a - a.mean(), b - b.mean()
+    expected = float((a * b).sum() / (a.norm() * b.norm()))
+    assert spearman(torch.tensor([5.0, 6.0, 6.0, 9.0]), torch.tensor([1.0, 2, 3, 4])) == \
+        pytest.approx(expected)
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+
+
+def test_split_half_finds_the_planted_neuron_in_both_halves():
+    model = planted_model()
+    a = counts_of(model, POLE_A, range(0, 8))  # 32 prompts
+    b = counts_of(model, POLE_B, range(8, 16))
+    curve = split_half(a.counts, b.counts, top_k=1, repeats=3, seed=0)
+    assert [p.prompts_per_half for p in curve] == [4, 8, 16]
+    assert all(p.jaccard == 1.0 for p in curve)  # the planted neuron tops every half
+    # against itself (no signal) the top neuron of two halves agrees far less often
+    noise = split_half(a.counts, counts_of(model, POLE_A, range(16, 24)).counts, top_k=1,
+                       repeats=3, seed=0)
+    assert max(p.jaccard for p in noise) < 1.0
+    with pytest.raises(ValueError, match="at least two prompts"):
+        split_half(PromptCounts.of(a.counts.over_zero[:1], a.counts.tokens[:1]), b.counts, 1)
