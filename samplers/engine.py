@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
@@ -55,6 +56,11 @@ SampleId = tuple[int, int]  # (prompt index, sample index)
 # 1 row, 36 ms at 3 and 7 rows, 19 ms at 4 and 17 ms at 8 (2 cores). Rows retire one by one, so
 # the engine pads the head's input to a multiple of HEAD_ROWS rows on CPU (padded_head).
 HEAD_ROWS = 4
+
+# The prompt index of each row of the decode forward in progress ([n] long), None outside one:
+# what lets an activation recorder count generated tokens per prompt while they are decoded
+# (values/statistics.py: record_decoding), with no second forward over the responses.
+DECODING_PROMPTS: ContextVar[torch.Tensor | None] = ContextVar("decoding_prompts", default=None)
 
 
 class Queue(Protocol):
@@ -331,11 +337,15 @@ class _Run:
                 prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask,
                 reach=self.e.reach)
             context = shared_prefix_implementation(self.e.model)
-        with context:
-            out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],
-                               attention_mask=mask, use_cache=True,
-                               output_hidden_states=self.hidden is not None,
-                               **{self.e.cache_keyword: self.cache}, **extra)
+        rows = DECODING_PROMPTS.set(self.prompt_id[:n])
+        try:
+            with context:
+                out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],
+                                   attention_mask=mask, use_cache=True,
+                                   output_hidden_states=self.hidden is not None,
+                                   **{self.e.cache_keyword: self.cache}, **extra)
+        finally:
+            DECODING_PROMPTS.reset(rows)
         self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
         if self.hidden is not None:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)

@@ -2,9 +2,13 @@
 and steered GRPO (sampling and scoring under the same steering)."""
 from __future__ import annotations
 
+import csv
 import json
+import re
 import subprocess
 import sys
+
+import hydra
 
 import pytest
 import torch
@@ -14,13 +18,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from locate_values import locate_values
-from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
 from tests.conftest import CONFIGS, ROOT
 from train import train
+from values.data import load_value_data
+from values.instruments import DilemmaMargin, Subject
+from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
 
-QUICK = ["policy=tiny", "locate.pairs=6", "locate.max_new_tokens=6", "validate.open_ended=2",
-         "validate.max_new_tokens=6", "steer.gamma=[0,1]", "validate.open_gamma=[1]",
-         "validate.bootstrap=50", "locate.top_k=20"]
+AXIS = "openness_vs_conservation"
+
+QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.max_new_tokens=6",
+         "steer.gamma=[0,1]", "validate.generate_gamma=[1]", "validate.bootstrap=50",
+         "locate.top_k=20", "locate.null_shuffles=10", "locate.split_half_repeats=1",
+         "validate.personas=1", "validate.passages=2"]
 
 
 def locate_cfg(overrides, output_dir):
@@ -45,46 +54,60 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
     model = objects["policy"].model
     for d in DIMENSIONS:
         located = ValueNeurons.load(out / f"neurons_{d}.json", model)
+        away = ValueNeurons.load(out / f"neurons_{d}_away.json", model)
         control = ValueNeurons.load(out / f"random_{d}.json", model)
         assert len(located) >= 1 and located.meta["dimension"] == d
-        assert bool((located.delta > 0).all())
-        assert len(located) <= 20 or bool((located.delta[20:] >= 0.25).all())
+        assert located.meta["negative"] == f"{d}_reversed" and away.meta["direction"] == "away"
+        assert bool((located.delta > 0).all()) and located.prob is not None
+        assert len(located) <= 20 or bool((located.delta[20:] >= 0.1).all())
         assert bool((located.delta[:-1] >= located.delta[1:]).all())
         assert control.layer_histogram(2) == located.layer_histogram(2)
-    persona = objects["tables"]["persona"]
-    assert [(r["dimension"], r["persona"]) for r in persona[:2]] == [
-        ("openness_to_change", "openness_to_change"), ("openness_to_change", "conservation")]
-    assert len(persona) == 8 and any(r["shift"] != 0 for r in persona)
-    for name in ("neurons", "questionnaire", "open_ended", "perplexity", "persona_control"):
+        assert not set(zip(control.layer.tolist(), control.index.tolist())) & \
+            set(zip(located.layer.tolist(), located.index.tolist()))
+    summary = (out / "summary.md").read_text()
+    for d in DIMENSIONS:  # a verdict per dimension, one of the three
+        assert re.search(rf"## {d}: (shown|refuted|not testable on this model)", summary)
+    gate = json.loads((out / "control.json").read_text())
+    names = ["dilemmas", "lettered", "statements", "questionnaire", "embedding", "pyvalues"]
+    assert set(gate) == set(DIMENSIONS) and all(list(g) == names for g in gate.values())
+    m = objects["measurement"]
+    for name in names:
+        assert (out / f"dose_{name}.png").stat().st_size > 1000
+        for d in DIMENSIONS:
+            assert gate[d][name] == m.passes(name, d)
+            assert (name, d, "located", 1.0) in m.arms and (name, d, "reverse", 1.0) in m.arms
+    # generated-answer instruments only at validate.generate_gamma
+    assert ("embedding", "conservation", "located", 0.0) not in m.arms
+    assert ("dilemmas", "conservation", "located", 0.0) in m.arms
+    for name in ("neurons", "reliability", "reliability_curve", "effects", "perplexity",
+                 "verdict_conservation"):
         assert (out / f"{name}.md").exists() and (out / f"{name}.csv").exists()
-    for name in ("score_vs_gamma", "layers", "radar_conservation"):
-        assert (out / f"{name}.png").stat().st_size > 1000
+    # both contrasts get a reliability row per dimension (the reversed run has both poles)
+    rows = list(csv.DictReader(open(out / "reliability.csv")))
+    assert {(r["dimension"], r["contrast"]) for r in rows} == {
+        (d, c) for d in DIMENSIONS for c in ("reversed", "opposite_pole")}
     assert any((out / "tensorboard").iterdir())
-    rows = objects["tables"]["questionnaire"]
-    assert len(rows) == 4 * 2 * 2 * 2  # dimensions x kinds x directions x gammas
-    # forward for a dimension and reverse for its opposite steer the very same neurons
-    scores = objects["scores"]
-    assert set(scores) == {"base", *(f"{k}:{d}@{g}" for d in DIMENSIONS
-                                     for k in ("located", "random") for g in ("0", "1"))}
+    assert set(m.perplexity) == {f"{k}:{d}@{g}" for k in ("located", "random", "reverse")
+                                 for d in DIMENSIONS for g in ("0", "1")}
     assert "perplexity/base" in metrics
-
-
-def test_gamma_zero_without_clamp_changes_nothing(tmp_path):
-    metrics, objects = locate_values(locate_cfg(
-        [*QUICK, "steer.gamma=0", "steer.clamp_opposite=false", "validate.open_ended=0",
-         "dimensions=[conservation]", "validate.personas=0"], tmp_path))
-    scores = objects["scores"]
-    for name, s in scores.items():
-        assert torch.equal(s, scores["base"]), name
-    assert all(v == 0 for k, v in metrics.items() if k.startswith("questionnaire/"))
 
 
 def test_saved_neurons_are_reused(tiny_run, tmp_path):
     out, _, _ = tiny_run
-    _, objects = locate_values(locate_cfg([*QUICK, f"neurons={out}", "validate.open_ended=0",
-                                           "validate.perplexity=false"], tmp_path))
+    _, objects = locate_values(locate_cfg([*QUICK, f"neurons={out}", "instruments=fast",
+                                           "dimensions=[conservation]"], tmp_path))
     first = ValueNeurons.load(out / "neurons_conservation.json")
-    assert torch.equal(objects["neurons"]["located"]["conservation"].index, first.index)
+    assert torch.equal(objects["sets"]["conservation"].toward.index, first.index)
+    assert not (tmp_path / "pole_statistics.pt").exists()  # no location was run
+
+
+def test_saved_statistics_give_the_same_sets(tiny_run, tmp_path):
+    out, _, objects = tiny_run
+    _, again = locate_values(locate_cfg([*QUICK, f"statistics={out}/pole_statistics.pt",
+                                         "instruments=fast", "dimensions=[conservation]"],
+                                        tmp_path))
+    assert torch.equal(again["sets"]["conservation"].toward.index,
+                       objects["sets"]["conservation"].toward.index)
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -95,10 +118,14 @@ def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["dimensions=[kindness]"], "dimensions='kindness' is not a value dimension"),
-    (["steer.gamma=-1"], "steer.gamma must be numbers >= 0"),
+    (["steer.gamma=-1"], "steer.gamma must be a number >= 0"),
     (["steer.fraction=0"], "steer.fraction must be in (0, 1]"),
-    (["locate.method=pca"], "locate.method must be contrast or lape"),
+    (["steer.scale=huge"], "steer.scale must be one of"),
+    (["locate.contrast=sideways"], "locate.contrast must be one of reversed, opposite_pole"),
+    (["locate.null_shuffles=0"], "locate.null_shuffles must be an integer >= 1"),
+    (["locate.top_k=-3"], "locate.top_k must be an integer >= 0"),
     (["neurons=/nonexistent"], "does not exist"),
+    (["statistics=/nonexistent.pt"], "does not exist"),
     (["data.path=/nonexistent"], "is not a folder"),
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
@@ -116,18 +143,32 @@ def test_neurons_from_another_model_are_refused(tiny_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_value_monitor_logs_during_training(tiny_cfg, tiny_run, tmp_path):
+def test_value_monitor_logs_the_instruments_that_pass(tiny_cfg, tiny_run, tmp_path):
+    """With a gate that passes the dilemmas for conservation only, the monitor logs that
+    instrument and dimension alone: the margin change toward conservation, equal to the one
+    computed independently from the initial and the trained policy."""
     out, _, _ = tiny_run
-    metrics, objects = train(tiny_cfg("callbacks.value_monitor.every_n_steps=1",
-                                      f"callbacks.value_monitor.neurons={out}",
-                                      "trainer.max_steps=2"))
-    for d in DIMENSIONS:
-        assert f"values/{d}" in metrics and f"values/neuron_activation/{d}" in metrics
+    gate = tmp_path / "control.json"
+    gate.write_text(json.dumps({d: {"dilemmas": d == "conservation"} for d in DIMENSIONS}))
+    cfg = tiny_cfg("callbacks.value_monitor.every_n_steps=1", "model.lr=0.05",
+                   f"callbacks.value_monitor.neurons={out}",
+                   f"callbacks.value_monitor.control={gate}", "trainer.max_steps=2")
+    metrics, objects = train(cfg)
     monitor = next(c for c in objects["callbacks"] if type(c).__name__ == "ValueMonitor")
-    # the centred dimension scores are a centring of the same items: they cannot all be > 0
-    assert min(monitor.last[f"values/{d}"] for d in DIMENSIONS) < 0
+    logged = {k for k in monitor.last if k.startswith("values/dilemmas/")}
+    assert logged == {"values/dilemmas/conservation"}
+    assert all(f"values/neuron_activation/{d}" in metrics for d in DIMENSIONS)
+    initial = hydra.utils.instantiate(cfg.policy)  # the same seed: the untrained weights
+    trained = objects["model"].policy.eval()
+    data = load_value_data()
+    before = DilemmaMargin().score(Subject(initial, None, data), AXIS, None, None)
+    after = DilemmaMargin().score(Subject(objects["policy"], None, data), AXIS, None, None)
+    assert trained is objects["policy"].model
+    assert monitor.last["values/dilemmas/conservation"] == pytest.approx(
+        -float((after - before).mean()), abs=1e-6)  # conservation is the axis's second pole
+    assert monitor.last["values/dilemmas/conservation"] != 0.0
     rows = open(tmp_path / "csv" / "metrics.csv").read()
-    assert "values/conservation" in rows and "values/neuron_activation/conservation" in rows
+    assert "values/dilemmas/conservation" in rows
 
 
 def test_steered_policy_samples_and_scores_under_the_same_steering(tiny_cfg, tiny_run):
@@ -171,17 +212,16 @@ def test_steered_policy_samples_and_scores_under_the_same_steering(tiny_cfg, tin
 
 
 @pytest.mark.slow
-def test_gamma_multirun_sweep(tmp_path):
-    """`locate_values.py -m steer.gamma=0,1`: one job per gamma, each with its own tables."""
+def test_scale_multirun_sweep(tmp_path):
+    """`locate_values.py -m steer.scale=probability,p95`: one job each, each with its tables."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "locate_values.py"), "-m", "steer.gamma=0,1", *QUICK[:3],
-         "validate.open_ended=0", "validate.perplexity=false", "validate.personas=0",
-         "dimensions=[conservation]", f"hydra.sweep.dir={tmp_path}"],
+        [sys.executable, str(ROOT / "locate_values.py"), "-m", "steer.scale=probability,p95",
+         *QUICK, "instruments=fast", "dimensions=[conservation]", f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for job, gamma in (("0", 0.0), ("1", 1.0)):
-        rows = (tmp_path / job / "questionnaire.csv").read_text().splitlines()[1:]
-        assert rows and {float(r.split(",")[3]) for r in rows} == {gamma}
+    for job, scale in (("0", "probability"), ("1", "p95")):
+        assert f"steer.scale {scale}" in (tmp_path / job / "summary.md").read_text()
+        assert (tmp_path / job / "effects.csv").read_text().count("\n") > 10
 
 
 def test_bad_policy_steer_settings(tiny_cfg, tiny_run):
@@ -192,6 +232,8 @@ def test_bad_policy_steer_settings(tiny_cfg, tiny_run):
     cases = [(["+policy.steer.neurons=/nonexistent.json"], FileNotFoundError, "does not exist"),
              ([f"+policy.steer.neurons={out}/neurons_conservation.json", "+policy.steer.gamma=-2"],
               ValueError, "policy.steer.gamma must be a number >= 0"),
+             ([f"+policy.steer.neurons={out}/neurons_conservation.json",
+               "+policy.steer.scale=huge"], ValueError, "steer.scale must be one of"),
              (["+policy.steer.gamma=1.0"], ValueError, "policy.steer.neurons is empty")]
     for overrides, kind, message in cases:
         with pytest.raises(Exception) as info:

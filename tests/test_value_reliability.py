@@ -122,3 +122,34 @@ def test_split_half_finds_the_planted_neuron_in_both_halves():
     assert max(p.jaccard for p in noise) < 1.0
     with pytest.raises(ValueError, match="at least two prompts"):
         split_half(PromptCounts.of(a.counts.over_zero[:1], a.counts.tokens[:1]), b.counts, 1)
+
+
+def test_counts_recorded_while_decoding_match_a_forward_over_the_responses():
+    """record_decoding counts each generated token fed back (all but the last of each
+    response), per prompt; independently: forward hooks over prompt + response."""
+    from samplers.base import GenerationSpec
+    from samplers.continuous import ContinuousSampler
+    from values.statistics import record_decoding
+    from values.experiment import sequences
+
+    model = planted_model()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 48, (int(n),), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
+    stats, counts = ActivationStats.for_model(model), PromptCounts.for_model(model, 5)
+    spec = GenerationSpec(6, temperature=1.0, eos_token_ids=[2, 3], seed=0)
+    with record_decoding(model, stats, counts):
+        rollouts = ContinuousSampler(micro_group_size=2).sample(model, prompts, 1, spec)
+    ids, mask = sequences(prompts, rollouts, 0)
+    for r in range(len(rollouts)):  # count the response tokens but the last
+        last = int(mask[r].nonzero().max())
+        mask[r, last] = False
+    acts = hooked_acts(model, ids)
+    for r in range(len(rollouts)):
+        i = int(rollouts.prompt_index[r])
+        expected = torch.stack([(a[r][mask[r]] > 0).sum(0) for a in acts])
+        assert torch.equal(counts.over_zero[i], expected.int()), i
+        assert int(counts.tokens[i]) == int(rollouts.lengths[r]) - 1
+    assert stats.compute().tokens == int(counts.tokens.sum())
+    with pytest.raises(ValueError, match="no decode step was recorded"):
+        with record_decoding(model, stats, counts):
+            pass

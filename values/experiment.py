@@ -31,7 +31,7 @@ from values.neurons import OPPOSITE, SteerSettings, ValueNeurons, random_control
 from values.reliability import NullDistribution, SplitHalf, permutation_null, split_half
 from values.selection import Selection
 from values.statistics import ActivationStats, ActivationSummary, PromptCounts, \
-    record_activations
+    record_activations, record_decoding
 
 CONTRASTS = {"reversed": lambda pole: f"{pole}_reversed", "opposite_pole": OPPOSITE.get}
 KINDS = ("located", "random", "reverse")
@@ -42,7 +42,6 @@ class LocateSettings:
     """`locate.*`: how much location data, against what, and how it is checked."""
     pairs: int = 128
     max_new_tokens: int = 48
-    batch_size: int = 8
     contrast: str = "reversed"
     null_shuffles: int = 200
     split_half_repeats: int = 3
@@ -51,7 +50,7 @@ class LocateSettings:
         if self.contrast not in CONTRASTS:
             raise ValueError(f"locate.contrast must be one of {', '.join(CONTRASTS)}, got "
                              f"{self.contrast!r}")
-        for name in ("pairs", "max_new_tokens", "batch_size", "null_shuffles",
+        for name in ("pairs", "max_new_tokens", "null_shuffles",
                      "split_half_repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,14 +127,14 @@ def response_statistics(model: Any, ids: torch.Tensor, mask: torch.Tensor,
 
 def location_statistics(subject: Subject, settings: LocateSettings, sources: list[str],
                         log: Callable[[str], None] = print) -> dict[str, SourceStats]:
+    """Each source's responses, counted while they are generated (record_decoding)."""
     out = {}
     for source in sources:
         prompts = location_prompts(subject, source, settings.pairs)
-        rollouts, texts = subject.generate(prompts, settings.max_new_tokens)
-        ids, mask = sequences(prompts, rollouts, subject.pad)
-        stats, counts = ActivationStats.for_model(subject.model), \
-            PromptCounts.for_model(subject.model)
-        response_statistics(subject.model, ids, mask, stats, settings.batch_size, counts)
+        stats = ActivationStats.for_model(subject.model)
+        counts = PromptCounts.for_model(subject.model, len(prompts))
+        with record_decoding(subject.model, stats, counts):
+            rollouts, texts = subject.generate(prompts, settings.max_new_tokens)
         out[source] = SourceStats(stats.compute(), counts, texts)
         log(f"source {source}: {settings.pairs} responses, {out[source].summary.tokens} "
             f"response tokens, {rollouts.stats.wall_time_s:.1f} s sampling")

@@ -104,9 +104,21 @@ class PromptCounts:
         self._tokens: list[torch.Tensor] = []
 
     @classmethod
-    def for_model(cls, model: Any) -> PromptCounts:
+    def for_model(cls, model: Any, prompts: int = 0) -> PromptCounts:
+        """Empty (rows appended by `update`), or `prompts` zero rows (filled by `add`)."""
         mlps = gated_mlps(model)
-        return cls(len(mlps), mlp_width(mlps[0]))
+        counts = cls(len(mlps), mlp_width(mlps[0]))
+        if prompts:
+            counts._rows = [torch.zeros(prompts, counts.layers, counts.d_ff, dtype=torch.int32)]
+            counts._tokens = [torch.zeros(prompts, dtype=torch.long)]
+        return counts
+
+    def add(self, layer: int, prompts: torch.Tensor, positive: torch.Tensor) -> None:
+        """Decoded tokens: one per row; `positive` [n, d_ff] bool, `prompts` [n] their rows."""
+        prompts = prompts.cpu()
+        self._rows[0][:, layer].index_add_(0, prompts, positive.int().cpu())
+        if layer == 0:
+            self._tokens[0].index_add_(0, prompts, torch.ones_like(prompts))
 
     @classmethod
     def of(cls, over_zero: torch.Tensor, tokens: torch.Tensor) -> PromptCounts:
@@ -157,6 +169,42 @@ class _Recorder:
         for sink in self.sinks:
             sink.update(layer, a.detach(), self.mask)
         return a
+
+
+class _DecodeRecorder:
+    """Counts the engine's decode forwards only (one generated token per row, rows mapped to
+    prompts by `samplers.engine.DECODING_PROMPTS`); prompt prefills are not counted."""
+
+    def __init__(self, stats: ActivationStats, counts: PromptCounts) -> None:
+        self.stats, self.counts, self.forwards = stats, counts, 0
+
+    def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        from samplers.engine import DECODING_PROMPTS
+
+        prompts = DECODING_PROMPTS.get()
+        if prompts is None or a.shape[1] != 1:
+            return a
+        a = a.detach()
+        self.stats.update(layer, a, torch.ones(a.shape[:2], dtype=torch.bool, device=a.device))
+        self.counts.add(layer, prompts, a[:, 0] > 0)
+        self.forwards += layer == 0
+        return a
+
+
+@contextmanager
+def record_decoding(model: Any, stats: ActivationStats,
+                    counts: PromptCounts) -> Iterator[_DecodeRecorder]:
+    """Count every generated token's activations while the decode engine generates, per
+    prompt: the token fed at each decode step (every generated token but the last, which is
+    never fed back), as the authors' code counts vLLM's decode steps. Needs a sampler that
+    decodes through samplers/engine.py (full, micro, continuous, infinite)."""
+    recorder = _DecodeRecorder(stats, counts)
+    with wrap_activations(model, recorder):
+        yield recorder
+    if recorder.forwards == 0:
+        raise ValueError("no decode step was recorded: the sampler does not decode through "
+                         "the engine (use sampler=continuous_wide, continuous, full, micro or "
+                         "infinite, not hf_generate)")
 
 
 @contextmanager
