@@ -25,6 +25,9 @@ from values.instruments import DilemmaMargin, Subject
 from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
 
 AXIS = "openness_vs_conservation"
+DENSE = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
+         "+model.rewards.digits.fn._partial_=true", "+model.rewards.digits.weight=1.0",
+         "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null"]
 
 QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.max_new_tokens=6",
          "steer.gamma=[0,1]", "validate.generate_gamma=[1]", "validate.bootstrap=50",
@@ -150,7 +153,7 @@ def test_value_monitor_logs_the_instruments_that_pass(tiny_cfg, tiny_run, tmp_pa
     out, _, _ = tiny_run
     gate = tmp_path / "control.json"
     gate.write_text(json.dumps({d: {"dilemmas": d == "conservation"} for d in DIMENSIONS}))
-    cfg = tiny_cfg("callbacks.value_monitor.every_n_steps=1", "model.lr=0.05",
+    cfg = tiny_cfg(*DENSE, "callbacks.value_monitor.every_n_steps=1", "model.lr=0.05",
                    f"callbacks.value_monitor.neurons={out}",
                    f"callbacks.value_monitor.control={gate}", "trainer.max_steps=2")
     metrics, objects = train(cfg)

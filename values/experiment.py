@@ -286,7 +286,7 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                             subject.seed).toward(direction)
         out.seconds[inst.name] = time.perf_counter() - clock
         log(f"instrument {inst.name}: {out.seconds[inst.name]:.0f} s")
-    if passages > 0:
+    if passages > 0 and instruments:  # no instrument: a reliability-only run
         clock = time.perf_counter()
         texts = [subject.prompts.plain(t) for t in subject.data.neutral_passages[:passages]]
         out.base_perplexity = perplexity(subject.model, texts, None, pad_token_id=subject.pad)

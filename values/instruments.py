@@ -99,7 +99,7 @@ class _TeacherForced:
     name = ""
     generates = False
 
-    def __init__(self, batch_size: int = 16) -> None:
+    def __init__(self, batch_size: int = 32) -> None:
         self.batch_size = batch_size
         self._scorers: dict[str, ContinuationScorer] = {}
 
@@ -190,7 +190,7 @@ class Questionnaire:
     name = "questionnaire"
     generates = False
 
-    def __init__(self, batch_size: int = 16) -> None:
+    def __init__(self, batch_size: int = 32) -> None:
         self.batch_size = batch_size
         self._cache: AnswerCache | None = None
 
@@ -211,17 +211,22 @@ class Questionnaire:
     def score(self, subject: Subject, axis: str, persona: str | None,
               settings: SteerSettings | None) -> torch.Tensor:
         texts, _ = subject.data.items()
+        rows = self._rows(subject, axis)[0]
         options = option_token_ids(subject.tokenizer, len(subject.data.scale))
-        prompts = [subject.prompts.questionnaire_item(t, subject.data.scale, persona)
-                   for t in texts]
         if persona is None:
-            if self._cache is None:  # unsteered prefixes, shared by every condition
-                self._cache = AnswerCache(subject.model, prompts, subject.pad, self.batch_size)
-            prompts = self._cache
-        with subject.steering(settings):
-            probs = answer_probabilities(subject.model, prompts, options, subject.pad,
-                                         self.batch_size)
-        return expected_scores(probs).double()[self._rows(subject, axis)[0]]
+            if self._cache is None:  # unsteered prefixes of every item, shared by all axes
+                self._cache = AnswerCache(subject.model, [
+                    subject.prompts.questionnaire_item(t, subject.data.scale) for t in texts],
+                    subject.pad, self.batch_size)
+            with subject.steering(settings):
+                probs = answer_probabilities(subject.model, self._cache, options)[rows]
+        else:  # a persona's items, once: only the axis's
+            prompts = [subject.prompts.questionnaire_item(texts[k], subject.data.scale, persona)
+                       for k in rows]
+            with subject.steering(settings):
+                probs = answer_probabilities(subject.model, prompts, options, subject.pad,
+                                             self.batch_size)
+        return expected_scores(probs).double()
 
 
 class EmbeddingMargin:

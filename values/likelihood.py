@@ -25,7 +25,9 @@ from values.hooks import steering_paused
 
 
 class ContinuationScorer:
-    """Rows (context ids, continuation ids); contexts of >= 2 tokens, continuations >= 1."""
+    """Rows (context ids, continuation ids); contexts of >= 2 tokens, continuations >= 1.
+    Rows that share a context (the two answers of a dilemma, every statement after the same
+    question) share its prefill within a batch: keep them adjacent."""
 
     @torch.no_grad()
     def __init__(self, model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -38,22 +40,31 @@ class ContinuationScorer:
         self.batches = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
-            prefix = [list(c[:-1]) for c, _ in chunk]
+            contexts = list(dict.fromkeys(tuple(c) for c, _ in chunk))  # each prefilled once
+            of_row = torch.tensor([contexts.index(tuple(c)) for c, _ in chunk])
+            prefix = [list(c[:-1]) for c in contexts]
             suffix = [[c[-1], *x] for c, x in chunk]
             width, tail = max(map(len, prefix)), max(map(len, suffix))
-            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)  # [b, P]
+            ids = torch.full((len(prefix), width), pad_token_id, dtype=torch.long)  # [u, P]
             attention = torch.zeros(len(chunk), width + tail, dtype=torch.long)  # [b, P+S]
             tail_ids = torch.full((len(chunk), tail), pad_token_id, dtype=torch.long)  # [b, S]
-            for r, (p, s) in enumerate(zip(prefix, suffix)):
-                ids[r, width - len(p):] = torch.tensor(p)
-                attention[r, width - len(p): width + len(s)] = 1
+            for u, p in enumerate(prefix):
+                ids[u, width - len(p):] = torch.tensor(p)
+            for r, s in enumerate(suffix):
+                p = len(prefix[int(of_row[r])])
+                attention[r, width - p: width + len(s)] = 1
                 tail_ids[r, : len(s)] = torch.tensor(s)
             positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, P+S]
             lengths = torch.tensor([len(s) - 1 for s in suffix])  # continuation tokens
+            unique_attention = attention[:, :width].index_select(
+                0, torch.tensor([int((of_row == u).nonzero()[0]) for u in range(len(prefix))]))
             with steering_paused(model):
-                out = model(input_ids=ids.to(device), attention_mask=attention[:, :width].to(
-                    device), position_ids=positions[:, :width].to(device), use_cache=True)
-            self.batches.append((output_cache(out), tail_ids.to(device), attention.to(device),
+                out = model(input_ids=ids.to(device), attention_mask=unique_attention.to(device),
+                            position_ids=(unique_attention.cumsum(-1) - 1).clamp(min=0).to(
+                                device), use_cache=True)
+            cache = output_cache(out)
+            cache.reorder_cache(of_row.to(device))  # one row of KV per continuation
+            self.batches.append((cache, tail_ids.to(device), attention.to(device),
                                  positions[:, width:].to(device), lengths))
 
     def __len__(self) -> int:
