@@ -10,11 +10,15 @@ initial policy. Given `neurons` (a locate_values.py run dir), it also logs
 `values/neuron_activation/<dimension>`: the mean activation probability of the dimension's
 neurons over the response tokens of the step's own rollouts.
 
+By default only the first `dilemmas_per_axis` (16) held-out dilemmas of each axis are scored,
+which keeps the monitor to seconds per log on a CPU.
+
     python train.py callbacks.value_monitor.every_n_steps=5 \
         callbacks.value_monitor.neurons=logs/locate_values/runs/<date>
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,15 @@ class ValueMonitor(pl.Callback):
     def __init__(self, every_n_steps: int = 10, neurons: str | None = None,
                  data_path: str | None = None, instruments: dict | None = None,
                  control: str | None = None, personas: int = 1, bootstrap: int = 500,
-                 max_rollouts: int = 16) -> None:
+                 dilemmas_per_axis: int | None = 16, max_rollouts: int = 16) -> None:
         if every_n_steps < 1:
             raise ValueError(f"value_monitor.every_n_steps must be >= 1, got {every_n_steps}")
         if personas < 1:
             raise ValueError(f"value_monitor.personas must be >= 1, got {personas}")
+        if dilemmas_per_axis is not None and dilemmas_per_axis < 1:
+            raise ValueError("value_monitor.dilemmas_per_axis must be >= 1 or null (all), got "
+                             f"{dilemmas_per_axis}")
+        self.dilemmas_per_axis = dilemmas_per_axis
         self.every, self.neurons_dir, self.data_path = every_n_steps, neurons, data_path
         self.instruments: list[Instrument] = list((instruments or {}).values()) or \
             [DilemmaMargin()]
@@ -50,6 +58,12 @@ class ValueMonitor(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         self.data = load_value_data(self.data_path)
+        if self.dilemmas_per_axis:  # the first dilemmas of each axis: a cheaper monitor
+            keep = {q for axis in AXES for q in list(dict.fromkeys(
+                r["question"] for r in self.data.answer_rows
+                if r["axis"] == axis))[: self.dilemmas_per_axis]}
+            self.data = dataclasses.replace(self.data, answer_rows=[
+                r for r in self.data.answer_rows if r["question"] in keep])
         if self.neurons_dir:
             folder = Path(self.neurons_dir)
             found = {d: folder / f"neurons_{d}.json" for d in DIMENSIONS}

@@ -163,7 +163,10 @@ def test_value_monitor_logs_the_instruments_that_pass(tiny_cfg, tiny_run, tmp_pa
     assert all(f"values/neuron_activation/{d}" in metrics for d in DIMENSIONS)
     initial = hydra.utils.instantiate(cfg.policy)  # the same seed: the untrained weights
     trained = objects["model"].policy.eval()
-    data = load_value_data()
+    data = monitor.data  # the first 16 held-out dilemmas of each axis (dilemmas_per_axis)
+    first = [r["text"] for r in load_value_data().question_rows
+             if r["axis"] == AXIS and r["split"] == "validate"][:16]
+    assert [q for q, _ in data.dilemmas(AXIS)] == first
     before = DilemmaMargin().score(Subject(initial, None, data), AXIS, None, None)
     after = DilemmaMargin().score(Subject(objects["policy"], None, data), AXIS, None, None)
     assert trained is objects["policy"].model

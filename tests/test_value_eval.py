@@ -88,18 +88,16 @@ def test_bad_value_data_is_named(tmp_path, data):
     with pytest.raises(ValueError, match="not a value dimension"):
         data.statements("hedonism_plus", "locate")
     # an instrument whose data lacks a pole is named
-    shutil.copytree(DATA_DIR, tmp_path / "e")
-    answers = (tmp_path / "e" / "dilemma_answers.jsonl").read_text().splitlines()
-    (tmp_path / "e" / "dilemma_answers.jsonl").write_text(
-        "\n".join(a for a in answers if '"conservation"' not in a) + "\n")
-    with pytest.raises(ValueError, match="answered for both poles"):
-        load_value_data(str(tmp_path / "e"))
-    shutil.copytree(DATA_DIR, tmp_path / "f")
-    personas = (tmp_path / "f" / "personas.jsonl").read_text().splitlines()
-    (tmp_path / "f" / "personas.jsonl").write_text(
-        "\n".join(p for p in personas if '"self_enhancement"' not in p) + "\n")
-    with pytest.raises(ValueError, match="no persona for pole 'self_enhancement'"):
-        load_value_data(str(tmp_path / "f"))
+    for name, pole, message in (("dilemma_answers", "conservation", "answered for both poles"),
+                                ("personas", "self_enhancement",
+                                 "no persona for pole 'self_enhancement'")):
+        folder = tmp_path / name
+        shutil.copytree(DATA_DIR, folder)
+        lines = (folder / f"{name}.jsonl").read_text().splitlines()
+        (folder / f"{name}.jsonl").write_text(
+            "\n".join(line for line in lines if f'"{pole}"' not in line) + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_value_data(str(folder))
 
 
 def test_expected_scores_by_hand():

@@ -190,3 +190,38 @@ def test_steer_settings_are_checked_once():
     old = dataclasses.replace(target, prob=None)
     with pytest.raises(ValueError, match="no activation probabilities"):
         SteerSettings(old, 1.0)
+
+
+@pytest.mark.parametrize("family, window", [("llama", None), ("mistral", 5)])
+def test_continuation_scorer_against_plain_forwards_again_and_again(family, window):
+    """Scored three times (the prefix KV is restored after each forward: cropped, or copied
+    for sliding-window layers), each time equal to one plain forward per row; shared contexts
+    and contexts of different lengths in one batch."""
+    from tests.helpers import tiny_lm
+    from values.likelihood import ContinuationScorer
+
+    extra = {} if window is None else {"sliding_window": window}
+    model = tiny_lm(family, seed=2, **extra)
+    ctx_a, ctx_b = [5, 9, 11, 4, 7, 8, 30], [6, 12]
+    rows = [(ctx_a, [3, 14]), (ctx_a, [22, 5, 9, 1]), (ctx_b, [17]), (ctx_b, [40, 2, 2])]
+    scorer = ContinuationScorer(model, rows, pad_token_id=0, batch_size=4)
+    expected = torch.tensor([answer_logprob(model, c, x) for c, x in rows], dtype=torch.float64)
+    for _ in range(3):
+        torch.testing.assert_close(scorer.mean_logprobs(model), expected, atol=1e-6, rtol=0)
+
+
+def test_verdicts_on_synthetic_rows():
+    from values.report import InstrumentRow, verdict
+
+    def row(control, contrast):
+        e = Effect(*contrast)
+        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e, 1.2)
+
+    beyond = (0.1, 0.03, 0.2)
+    assert verdict("conservation", [row(True, beyond)])[0] == "shown"
+    # the opposite pole's neurons move the instrument toward conservation too: not specific
+    kind, text = verdict("conservation", [row(True, beyond)],
+                         {("dilemmas", 4.0): Effect(-0.1, -0.2, -0.02)})
+    assert kind == "refuted" and "Not specific to the pole" in text
+    assert verdict("conservation", [row(True, (0.0, -0.1, 0.1))])[0] == "refuted"
+    assert verdict("conservation", [row(False, beyond)])[0] == "not testable on this model"

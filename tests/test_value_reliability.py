@@ -66,19 +66,44 @@ def test_planted_neuron_is_above_the_null_and_a_shuffled_copy_is_not():
 
 
 def test_null_recomputes_delta_from_whole_prompts():
-    """Each shuffle's maximum equals delta recomputed by hand from the same permutation."""
+    """Each shuffle's maximum equals delta recomputed by hand from the same draw: with equal
+    sides, prompt k of each side swapped as a pair; with unequal sides, a free permutation."""
     gen = torch.Generator().manual_seed(0)
-    over = torch.randint(0, 5, (6, 1, 3), generator=gen)
-    tokens = torch.full((6,), 5)
-    pos, neg = PromptCounts.of(over[:3], tokens[:3]), PromptCounts.of(over[3:], tokens[3:])
+    over = torch.randint(0, 5, (7, 1, 3), generator=gen)
+    tokens = torch.full((7,), 5)
+    pos, neg = PromptCounts.of(over[:3], tokens[:3]), PromptCounts.of(over[3:6], tokens[3:6])
     null = permutation_null(pos, neg, shuffles=4, seed=7)
-    gen = torch.Generator().manual_seed(7)
+    swap = torch.rand(4, 3, generator=torch.Generator().manual_seed(7)) < 0.5
     for s in range(4):
-        order = torch.randperm(6, generator=gen)
-        first, rest = order[:3], order[3:]
+        first = torch.where(swap[s], torch.arange(3, 6), torch.arange(3))  # the "pos" prompts
+        rest = torch.where(swap[s], torch.arange(3), torch.arange(3, 6))
         delta = over[first].sum(0) / 15.0 - over[rest].sum(0) / 15.0
         assert float(null.maxima[s]) == pytest.approx(float(delta.max()), abs=1e-6)
     assert float(null.histogram.sum()) == 4 * 3
+    unequal = permutation_null(pos, PromptCounts.of(over[3:], tokens[3:]), shuffles=4, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    for s in range(4):
+        order = torch.randperm(7, generator=gen)
+        first, rest = order[:3], order[3:]
+        delta = over[first].sum(0) / 15.0 - over[rest].sum(0) / 20.0
+        assert float(unequal.maxima[s]) == pytest.approx(float(delta.max()), abs=1e-6)
+
+
+def test_paired_halves_cancel_what_the_pairs_share():
+    """Pairs that share a strong per-pair effect (the question) and no pole signal: unpaired
+    halves correlate negatively (opposite imbalances of the same questions), paired ones do
+    not; a planted pole signal is found by both."""
+    gen = torch.Generator().manual_seed(1)
+    n, d = 32, 400
+    question = torch.rand(n, 1, d, generator=gen) * 8  # per pair, the same on both sides
+    a = (question + torch.rand(n, 1, d, generator=gen)).round().int()
+    b = (question + torch.rand(n, 1, d, generator=gen)).round().int()
+    tokens = torch.full((n,), 10)
+    pos, neg = PromptCounts.of(a, tokens), PromptCounts.of(b, tokens)
+    paired = split_half(pos, neg, top_k=10, sizes=(16,), repeats=4, seed=0)[0]
+    unpaired = split_half(pos, PromptCounts.of(b[torch.randperm(n, generator=gen)], tokens),
+                          top_k=10, sizes=(16,), repeats=4, seed=0)[0]
+    assert abs(paired.spearman) < 0.2 and unpaired.spearman < -0.5
 
 
 def test_fdr_threshold_by_hand():

@@ -91,6 +91,11 @@ class Instrument(Protocol):
         """Forget what depends on the weights (cached prefix KV): they changed."""
 
 
+def dilemma_signs(subject: Subject, axis: str) -> torch.Tensor:
+    """One unit per held-out dilemma, each scored toward the axis's first pole."""
+    return torch.ones(len(subject.data.dilemmas(axis)))
+
+
 class _TeacherForced:
     """Shared by the log-likelihood instruments: (context, continuation) rows per axis and
     persona; the unsteered rows' prefix KV is kept (every steering condition reuses it), a
@@ -141,7 +146,7 @@ class DilemmaMargin(_TeacherForced):
         return logp[0::2] - logp[1::2]  # first pole's answer minus the second's
 
     def signs(self, subject: Subject, axis: str) -> torch.Tensor:
-        return torch.ones(len(subject.data.dilemmas(axis)))
+        return dilemma_signs(subject, axis)
 
 
 class LetteredChoice(_TeacherForced):
@@ -167,7 +172,7 @@ class LetteredChoice(_TeacherForced):
         return a_minus_b * flip  # the first pole's letter minus the other
 
     def signs(self, subject: Subject, axis: str) -> torch.Tensor:
-        return torch.ones(len(subject.data.dilemmas(axis)))
+        return dilemma_signs(subject, axis)
 
 
 class StatementLikelihood(_TeacherForced):
@@ -243,7 +248,7 @@ class EmbeddingMargin:
         Subject, which is rebuilt when they change)."""
 
     def signs(self, subject: Subject, axis: str) -> torch.Tensor:
-        return torch.ones(len(subject.data.dilemmas(axis)))
+        return dilemma_signs(subject, axis)
 
     def score(self, subject: Subject, axis: str, persona: str | None,
               settings: SteerSettings | None) -> torch.Tensor:
@@ -267,7 +272,7 @@ class PyvaluesMargin:
         """The dictionaries do not depend on the policy's weights."""
 
     def signs(self, subject: Subject, axis: str) -> torch.Tensor:
-        return torch.ones(len(subject.data.dilemmas(axis)))
+        return dilemma_signs(subject, axis)
 
     def score(self, subject: Subject, axis: str, persona: str | None,
               settings: SteerSettings | None) -> torch.Tensor:

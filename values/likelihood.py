@@ -19,6 +19,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from samplers.base import cache_keyword, output_cache
 from values.hooks import steering_paused
@@ -80,13 +81,21 @@ class ContinuationScorer:
             predicts = torch.arange(tail.shape[1])[None, :] < lengths[:, None]  # [b, S]
             if steering is not None:
                 steering.positions = predicts
+            # The forward appends the tail to the cache: a DynamicLayer concatenates into new
+            # tensors, so keeping the prefix's and putting them back restores it; other layer
+            # types (sliding windows) get a copy.
+            plain = all(type(layer) is DynamicLayer for layer in cache.layers)
+            prefix = [(layer.keys, layer.values) for layer in cache.layers] if plain else None
             try:
                 logits = model(input_ids=tail, attention_mask=attention, position_ids=positions,
-                               use_cache=True, **{cache_keyword(model): copy.deepcopy(cache)}
+                               use_cache=True, **{cache_keyword(model): cache if plain
+                                                  else copy.deepcopy(cache)}
                                ).logits.float()  # [b, S, V]
             finally:
                 if steering is not None:
                     steering.positions = None
+                for layer, (keys, values) in zip(cache.layers, prefix or []):
+                    layer.keys, layer.values = keys, values
             logp = torch.log_softmax(logits[:, :-1], -1).gather(
                 -1, tail[:, 1:, None]).squeeze(-1).double().cpu()  # [b, S-1]
             sums.append((logp * predicts[:, :-1]).sum(-1))

@@ -114,10 +114,15 @@ class ValueNeurons:
         return torch.bincount(self.layer, minlength=layers).tolist()
 
     def save(self, path: str | Path) -> None:
-        rows = {k: getattr(self, k).tolist() for k in ("layer", "index", "delta", "scale")}
-        if self.prob is not None:
-            rows["prob"] = self.prob.tolist()
-        Path(path).write_text(json.dumps({"meta": self.meta, "neurons": rows}, indent=1))
+        """JSON: the meta block indented, each column on one line (floats to 6 decimals:
+        a 2000-neuron set is ~100 KB)."""
+        rows = {k: getattr(self, k).tolist() for k in ("layer", "index")}
+        for k in ("delta", "scale", "prob"):
+            if getattr(self, k) is not None:
+                rows[k] = [round(x, 6) for x in getattr(self, k).tolist()]
+        columns = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items())
+        Path(path).write_text(f'{{"meta": {json.dumps(self.meta, indent=1)},\n"neurons": '
+                              f'{{\n{columns}\n}}}}\n')
 
     @classmethod
     def load(cls, path: str | Path, model: Any | None = None) -> ValueNeurons:

@@ -4,13 +4,18 @@ whole location prompts and split-half reliability, both from per-prompt counts
 
 - Permutation null: the pole labels of the two contrasted response sets are shuffled across
   prompts (whole prompts: the tokens of one response are correlated), delta is recomputed,
-  and each shuffle's maximum delta and the histogram of all its deltas are kept. A neuron is
+  and each shuffle's maximum delta and the histogram of all its deltas are kept. When both
+  sides have as many prompts, prompt k of each shares its question and statement slot
+  (values/experiment.py: location_prompts), so the labels are swapped within each pair: the
+  question's effect on the activations, which dwarfs the pole's, cancels. A neuron is
   above the null when its delta exceeds the 95th / 99th percentile of the shuffles' maxima
   (family-wise); the false-discovery rate at a threshold t is the mean number of null deltas
   >= t over the number of observed deltas >= t.
-- Split-half: each set's prompts are split in two halves; delta on one half against delta on
-  the other gives the Spearman correlation over all neurons and the Jaccard overlap of the
-  top-k sets, also at fewer prompts per half (a curve).
+- Split-half: each set's prompts are split in two halves (pairs kept together, as above);
+  delta on one half against delta on the other gives the Spearman correlation over all
+  neurons and the Jaccard overlap of the top-k sets, also at fewer prompts per half (a curve).
+  Unpaired halves would carry opposite imbalances of the same questions and correlate
+  negatively whatever the pole signal.
 
     null = permutation_null(counts_pos, counts_neg, shuffles=200, seed=0)
     null.family_wise(delta, 0.99)       # bool [layers, d_ff]
@@ -84,13 +89,18 @@ def permutation_null(pos: PromptCounts, neg: PromptCounts, shuffles: int = 200,
     over = torch.cat([pos.over_zero, neg.over_zero]).flatten(1).float()  # [N, L*D]
     tokens = torch.cat([pos.tokens, neg.tokens]).float()  # [N]
     n, n_pos = len(tokens), len(pos)
+    paired = len(pos) == len(neg)
     gen = torch.Generator().manual_seed(seed)
     maxima, histogram = [], torch.zeros(BINS, dtype=torch.float64)
     for start in range(0, shuffles, CHUNK):
         count = min(CHUNK, shuffles - start)
-        order = torch.stack([torch.randperm(n, generator=gen) for _ in range(count)])
-        first = torch.zeros(count, n)
-        first.scatter_(1, order[:, :n_pos], 1.0)  # [S, N]: the shuffled "pos" prompts
+        if paired:  # swap the two prompts of each pair with probability 1/2
+            swap = torch.rand(count, n_pos, generator=gen) < 0.5  # [S, n/2]
+            first = torch.cat([~swap, swap], 1).float()  # [S, N]: the "pos" prompts
+        else:
+            order = torch.stack([torch.randperm(n, generator=gen) for _ in range(count)])
+            first = torch.zeros(count, n)
+            first.scatter_(1, order[:, :n_pos], 1.0)  # [S, N]: the shuffled "pos" prompts
         delta = _pooled(over, tokens, first) - _pooled(over, tokens, 1.0 - first)  # [S, L*D]
         maxima.append(delta.max(1).values)
         histogram += torch.histc(delta.double(), BINS, -1.0, 1.0)
@@ -148,12 +158,14 @@ def split_half(pos: PromptCounts, neg: PromptCounts, top_k: int, sizes: tuple[in
             size //= 2
         sizes = tuple(reversed(sizes)) or (largest,)
     gen = torch.Generator().manual_seed(seed)
+    paired = len(pos) == len(neg)  # prompt k of each side: the same question (see above)
     out = []
     for size in sizes:
         size = min(size, largest)
         rs, js = [], []
         for _ in range(repeats):
-            p, q = torch.randperm(len(pos), generator=gen), torch.randperm(len(neg), generator=gen)
+            p = torch.randperm(len(pos), generator=gen)
+            q = p if paired else torch.randperm(len(neg), generator=gen)
             one = pos.prob(p[:size]) - neg.prob(q[:size])
             two = pos.prob(p[size:2 * size]) - neg.prob(q[size:2 * size])
             rs.append(spearman(one, two))

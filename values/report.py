@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from values.effects import NAN, Effect  # noqa: E402
+from values.neurons import OPPOSITE  # noqa: E402
 
 MAX_PERPLEXITY_RATIO = 1.5
 
@@ -85,8 +86,13 @@ def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float]) -
         m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")))
 
 
-def verdict(dim: str, rows: list[InstrumentRow]) -> tuple[str, str]:
-    """(shown | refuted | not testable, one paragraph) for a dimension."""
+def verdict(dim: str, rows: list[InstrumentRow],
+            opposite: dict[tuple[str, float], Effect] | None = None) -> tuple[str, str]:
+    """(shown | refuted | not testable, one paragraph) for a dimension. `opposite` holds the
+    opposite pole's located-minus-random effects (toward the opposite pole) by (instrument,
+    gamma): an instrument only shows a value effect when steering the opposite pole's neurons
+    does not move it toward this dimension too (beyond random); otherwise the effect is not
+    specific to the pole."""
     valid = [r for r in rows if r.control]
     failed = ", ".join(f"{r.instrument} {r.persona}" for r in rows if not r.control)
     if not valid:
@@ -94,18 +100,27 @@ def verdict(dim: str, rows: list[InstrumentRow]) -> tuple[str, str]:
             f"No instrument passes its positive control for {dim}: a persona prompt of this "
             f"pole does not move any of them the intended way with an interval excluding 0 "
             f"(persona effects: {failed or 'none measured'}). Nothing is concluded.")
-    shown = [r for r in valid if r.located_minus_random.low > 0]
-    opposite = [r for r in valid if r.located_minus_random.high < 0]
+    moved = [r for r in valid if r.located_minus_random.low > 0]
+    unspecific = [r for r in moved
+                  if (opposite or {}).get((r.instrument, r.gamma), NAN).high < 0]
+    shown = [r for r in moved if r not in unspecific]
+    against = [r for r in valid if r.located_minus_random.high < 0]
     lines = "; ".join(f"{r.instrument}: located - random {r.located_minus_random} at gamma "
                       f"{r.gamma:g} (reverse {r.reverse}, perplexity x{r.perplexity_ratio:.2f})"
                       for r in valid)
     tail = f" Instruments that fail their control (not read): {failed}." if failed else ""
+    if unspecific:
+        names = ", ".join(f"{r.instrument} (opposite pole's neurons: "
+                          f"{(opposite or {})[(r.instrument, r.gamma)]} toward the opposite)"
+                          for r in unspecific)
+        tail = (f" Not specific to the pole: {names} move toward {dim} whichever pole's "
+                f"neurons are steered, so they are not counted.") + tail
     if shown:
         return "shown", (f"Steering the located {dim} neurons moves {len(shown)} of "
                          f"{len(valid)} valid instrument(s) toward {dim} beyond random "
                          f"neurons of the same per-layer count: {lines}.{tail}")
-    against = (f" {len(opposite)} valid instrument(s) move the other way beyond random."
-               if opposite else "")
+    against = (f" {len(against)} valid instrument(s) move the other way beyond random."
+               if against else "")
     return "refuted", (f"With {len(valid)} valid instrument(s), the located {dim} neurons do "
                        f"not move the instrument toward {dim} beyond random neurons at any "
                        f"gamma within the perplexity budget: {lines}.{against}{tail}")
@@ -136,28 +151,6 @@ def dose_figure(m: Any, instrument: str, dims: Sequence[str],
         ax.set_xlabel("gamma")
     axes[0][0].set_ylabel(f"{instrument}: effect toward the dimension")
     axes[0][-1].legend(fontsize="x-small")
-    fig.tight_layout()
-    return fig
-
-
-def radar_figure(values: Sequence[str], series: dict[str, Sequence[float]],
-                 title: str = "") -> plt.Figure:
-    """The 10 basic values' centred scores, one closed line per series (before / after)."""
-    angles = [2 * math.pi * k / len(values) for k in range(len(values))]
-    fig = plt.figure(figsize=(5, 5))
-    ax = fig.add_subplot(projection="polar")
-    low = min(min(s) for s in series.values())
-    offset = -low + 0.2 if low < 0 else 0.0  # polar radii must be >= 0: shift all series
-    for name, scores in series.items():
-        radii = [s + offset for s in scores]
-        ax.plot(angles + angles[:1], radii + radii[:1], label=name)
-        ax.fill(angles + angles[:1], radii + radii[:1], alpha=0.08)
-    ax.set_xticks(angles)
-    ax.set_xticklabels([v.replace("_", "\n") for v in values], fontsize="small")
-    ax.set_yticklabels([])
-    ax.set_title(title + (f"\n(radius = centred score + {offset:.2f})" if offset else ""),
-                 fontsize="small")
-    ax.legend(loc="upper left", fontsize="x-small", bbox_to_anchor=(-0.15, 1.12))
     fig.tight_layout()
     return fig
 
@@ -241,7 +234,8 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
         rows = [instrument_row(m, name, dim, gammas) for name in instruments]
-        verdicts[dim] = verdict(dim, rows)
+        opposite = {(i, g): e for (i, d, g), e in m.contrasts.items() if d == OPPOSITE[dim]}
+        verdicts[dim] = verdict(dim, rows, opposite)
         gate[dim] = {r.instrument: r.control for r in rows}
         text = write_table([r.cells() for r in rows], out / f"verdict_{dim}",
                            f"{dim}: {verdicts[dim][0]}")
