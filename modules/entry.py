@@ -15,6 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("train")
 
+
+class NotFileOnly(logging.Filter):
+    """The console handler's filter (configs/hydra/default.yaml): it drops records marked
+    `file_only`, such as a user error's traceback, which the run's log file keeps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
 # Errors that come from the user's config or data: printed as one clear line, no traceback.
 USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
 
@@ -57,7 +65,8 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
         return run(cfg)
     except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
         cause = user_error(err)
-        log.exception("run failed; output dir: %s", output_dir)
+        log.error("run failed; output dir: %s", output_dir, exc_info=True,
+                  extra={"file_only": cause is not None})
         if cause is None:
             raise
         key = config_key(err)

@@ -4,15 +4,15 @@
 1. `location_statistics`: greedy responses to location prompts (a location statement of a
    source, or its negation, + a location question), their activation statistics per source,
    pooled and per prompt. A source is a pole or "<pole>_reversed".
-2. `neuron_sets`: per dimension the set toward it (delta > 0 against its negative source) and
-   the set away from it (the negative source against the pole), random controls with the
-   same count per layer.
+2. `locate`: per dimension the set toward it (delta > 0 against its negative source) and the
+   set away from it (the negative source against the pole); `neuron_sets` adds random
+   controls with the same count per layer.
 3. `reliability`: permutation null and split-half reliability of delta, per contrast.
 4. `measure`: every instrument under base, persona, located, random and reverse arms at each
    gamma, and the perplexity cost.
 
-    stats = location_statistics(subject, settings, sources)
-    sets = neuron_sets(stats, settings, select, dims, nulls)
+    stats = location_statistics(subject, settings, settings.sources(dims))
+    sets = neuron_sets(locate(stats, select, dims, settings.negative, nulls, meta), d_ff, seed)
 """
 from __future__ import annotations
 
@@ -34,14 +34,13 @@ from values.statistics import ActivationStats, ActivationSummary, PromptCounts, 
     record_activations, record_decoding
 
 CONTRASTS = {"reversed": lambda pole: f"{pole}_reversed", "opposite_pole": OPPOSITE.get}
-KINDS = ("located", "random", "reverse")
 
 
 @dataclass
 class LocateSettings:
     """`locate.*`: how much location data, against what, and how it is checked."""
-    pairs: int = 128
-    max_new_tokens: int = 48
+    pairs: int = 64
+    max_new_tokens: int = 32
     contrast: str = "reversed"
     null_shuffles: int = 200
     split_half_repeats: int = 3
@@ -62,12 +61,9 @@ class LocateSettings:
         return CONTRASTS[self.contrast](pole)
 
     def sources(self, poles: list[str]) -> list[str]:
-        """Every response set that location needs: the poles and their negatives (with the
-        reversed contrast, also the opposite poles, so that both contrasts are reported)."""
-        out = list(poles)
-        if self.contrast == "reversed":
-            out += [f"{p}_reversed" for p in poles]
-        return list(dict.fromkeys([*out, *(self.negative(p) for p in poles)]))
+        """Every response set that location needs: the poles and their negatives (with all
+        four poles, the reversed contrast's run also holds the opposite-pole contrast)."""
+        return list(dict.fromkeys([*poles, *(self.negative(p) for p in poles)]))
 
 
 @dataclass

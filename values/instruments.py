@@ -22,6 +22,7 @@ Every instrument takes a `persona` (a system prompt of one pole: the positive co
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,7 +97,7 @@ def dilemma_signs(subject: Subject, axis: str) -> torch.Tensor:
     return torch.ones(len(subject.data.dilemmas(axis)))
 
 
-class _TeacherForced:
+class _TeacherForced(ABC):
     """Shared by the log-likelihood instruments: (context, continuation) rows per axis and
     persona; the unsteered rows' prefix KV is kept (every steering condition reuses it), a
     persona's is built, used once and dropped."""
@@ -108,9 +109,10 @@ class _TeacherForced:
         self.batch_size = batch_size
         self._scorers: dict[str, ContinuationScorer] = {}
 
+    @abstractmethod
     def rows(self, subject: Subject, axis: str,
              persona: str | None) -> list[tuple[list[int], list[int]]]:
-        raise NotImplementedError
+        """(context, continuation) token ids, rows sharing a context adjacent."""
 
     def reduce(self, logp: torch.Tensor) -> torch.Tensor:
         return logp

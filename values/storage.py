@@ -4,6 +4,7 @@ random_*.json), each tied to the model architecture it came from.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from values.statistics import ActivationSummary, PromptCounts
 
 
 def save_statistics(stats: dict[str, SourceStats], signature: dict, path: Path) -> None:
+    """`path` (.pt) and, beside it, pole_responses.jsonl: the greedy location responses."""
+    with open(path.with_name("pole_responses.jsonl"), "w") as handle:
+        handle.writelines(json.dumps({"source": name, "text": text}) + "\n"
+                          for name, s in stats.items() for text in s.texts)
     torch.save({"model": signature, "sources": {
         name: {"prob": s.summary.prob, "p95": s.summary.p95, "tokens": s.summary.tokens,
                "over_zero": s.counts.over_zero.to(torch.int16),  # counts <= max_new_tokens
