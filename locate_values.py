@@ -50,6 +50,12 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError("dimensions is empty: name at least one value dimension")
     gamma = cfg.steer.gamma
     gammas = [check_gamma(g) for g in (gamma if isinstance(gamma, ListConfig) else [gamma])]
+    max_perplexity = cfg.validate.max_perplexity
+    if max_perplexity is not None:
+        if not isinstance(max_perplexity, (int, float)) or not max_perplexity >= 1.0:
+            raise ValueError(f"validate.max_perplexity={max_perplexity}: a perplexity ratio "
+                             "limit is a number >= 1 (or null to measure every arm)")
+        max_perplexity = float(max_perplexity)
     settings = LocateSettings(**{k: v for k, v in OmegaConf.to_container(cfg.locate).items()
                                  if k not in ("select", "top_k", "min_delta")})
     select = hydra.utils.instantiate(cfg.locate.select)
@@ -92,7 +98,8 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     all_arms = arms(sets, gammas, cfg.steer.fraction, cfg.steer.seed, cfg.steer.scale)
     measurement = measure(subject, instruments, dims, all_arms, cfg.validate.personas,
                           [float(g) for g in cfg.validate.generate_gamma],
-                          cfg.validate.bootstrap, cfg.validate.passages, log.info)
+                          cfg.validate.bootstrap, cfg.validate.passages, log.info,
+                          cfg.validate.controls_first, max_perplexity)
 
     header = (f"# Value neurons of {signature['model_type']} ({signature['layers']} layers x "
               f"{signature['d_ff']}): contrast {settings.contrast}, selection "
@@ -100,7 +107,7 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = write_report(out, measurement, [i.name for i in instruments], dims, gammas,
                            sets_rows, reliabilities,
                            {d: s.toward.layer_histogram(signature["layers"])
-                            for d, s in sets.items()}, header)
+                            for d, s in sets.items()}, header, max_perplexity)
     objects = dict(cfg=cfg, policy=policy, data=data, sampler=sampler, subject=subject,
                    sets=sets, measurement=measurement, reliability=reliabilities,
                    instruments=instruments)

@@ -20,7 +20,8 @@ from omegaconf import open_dict
 from locate_values import locate_values
 from tests.conftest import CONFIGS, ROOT
 from train import train
-from values.data import load_value_data
+from values.data import AXES, AXIS_OF, load_value_data
+from values.experiment import arms, measure
 from values.instruments import DilemmaMargin, Subject
 from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
 
@@ -32,7 +33,9 @@ DENSE = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
 QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.max_new_tokens=6",
          "steer.gamma=[0,1]", "validate.generate_gamma=[1]", "validate.bootstrap=50",
          "locate.top_k=20", "locate.null_shuffles=10", "locate.split_half_repeats=1",
-         "validate.personas=1", "validate.passages=2"]
+         "validate.personas=1", "validate.passages=2",
+         # every instrument steered at every gamma (the gates have their own test)
+         "validate.controls_first=false", "validate.max_perplexity=null"]
 
 
 def locate_cfg(overrides, output_dir):
@@ -113,6 +116,58 @@ def test_saved_statistics_give_the_same_sets(tiny_run, tmp_path):
                        objects["sets"]["conservation"].toward.index)
 
 
+class PlantedControl:
+    """An instrument whose persona control passes on one axis only (personas of that axis
+    move every unit toward their pole) and that counts its steered scores."""
+    name, generates = "planted", False
+
+    def __init__(self, data, passing_axis: str) -> None:
+        self.pole_of = {p: d for d in DIMENSIONS for p in data.personas(d)}
+        self.passing_axis, self.steered = passing_axis, []
+
+    def signs(self, subject, axis):
+        return torch.ones(6)
+
+    def score(self, subject, axis, persona, settings):
+        if settings is not None:
+            self.steered.append(settings.name)
+        if persona is None:
+            return torch.zeros(6, dtype=torch.float64)
+        sign = 1.0 if self.pole_of[persona] == AXES[axis][0] else -1.0
+        return torch.full((6,), sign if axis == self.passing_axis else -sign,
+                          dtype=torch.float64) + torch.linspace(-0.1, 0.1, 6)
+
+    def reset(self):
+        pass
+
+
+def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
+    _, _, objects = tiny_run
+    subject, sets = objects["subject"], objects["sets"]
+    all_arms = arms(sets, [0.0, 1.0, 4.0], 0.9, 0, "probability")
+    planted = PlantedControl(subject.data, AXIS)
+    everything = measure(subject, [planted], DIMENSIONS, all_arms, 1, [], 20, 2, lambda _: None,
+                         controls_first=False, max_perplexity=None)
+    assert len(planted.steered) == len(all_arms)  # ungated: every arm on both axes
+    other = next(a for a in AXES if a != AXIS)
+    assert all(everything.passes("planted", d) == (AXIS_OF[d] == AXIS) for d in DIMENSIONS)
+    # the cost limit: between the located arms' ratios, so that some pass and some do not
+    ratio = everything.perplexity
+    limit = sorted(ratio[a.settings.name] for a in all_arms
+                   if a.kind == "located" and AXIS_OF[a.dimension] == AXIS)[2]
+    planted.steered.clear()
+    gated = measure(subject, [planted], DIMENSIONS, all_arms, 1, [], 20, 2, lambda _: None,
+                    controls_first=True, max_perplexity=limit)
+    assert gated.skipped == {("planted", other): "fails its control on both poles"}
+    expected = [a.settings.name for a in all_arms if AXIS_OF[a.dimension] == AXIS and
+                ratio[a.settings.name if a.kind != "random"
+                      else f"located:{a.dimension}@{a.gamma:g}"] <= limit]
+    assert 0 < len(expected) < 18 and planted.steered == expected
+    assert {(d, k, g) for _, d, k, g in gated.arms} == {
+        (a.dimension, a.kind, a.gamma) for a in all_arms if a.settings.name in expected}
+    assert all((AXIS_OF[d] == AXIS) for _, d, _ in gated.contrasts)
+
+
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "locate_values.py"), *args,
                            f"hydra.run.dir={cwd}"], capture_output=True, text=True,
@@ -130,6 +185,8 @@ def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     (["neurons=/nonexistent"], "does not exist"),
     (["statistics=/nonexistent.pt"], "does not exist"),
     (["data.path=/nonexistent"], "is not a folder"),
+    (["validate.max_perplexity=0.5"], "validate.max_perplexity=0.5: a perplexity ratio limit"),
+    (["validate.max_perplexity=abc"], "validate.max_perplexity=abc: a perplexity ratio limit"),
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     proc = run_cli("policy=tiny", "locate.pairs=2", "locate.max_new_tokens=2", *args,

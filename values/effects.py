@@ -43,6 +43,9 @@ class Effect:
 
 NAN = Effect(float("nan"), float("nan"), float("nan"))
 
+# The cost a steered arm may have to enter a verdict: its perplexity ratio on neutral text.
+MAX_PERPLEXITY_RATIO = 1.5
+
 
 def mean_effect(diff: torch.Tensor, signs: torch.Tensor) -> float:
     """Mean of diff over +1 units minus the mean over -1 units (0 when there are none)."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from values.data import AXES, AXIS_OF, toward
-from values.effects import Effect, bootstrap_effect, control_passes
+from values.effects import MAX_PERPLEXITY_RATIO, Effect, bootstrap_effect, control_passes
 from values.instruments import Instrument, Subject
 from values.likelihood import perplexity
 from values.neurons import OPPOSITE, SteerSettings, ValueNeurons, random_control
@@ -244,6 +244,7 @@ class Measurement:
     perplexity: dict[str, float] = field(default_factory=dict)  # arm name -> ratio to base
     base_perplexity: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)  # (instr, axis): why
 
     def passes(self, instrument: str, dim: str) -> bool:
         effect = self.persona.get((instrument, dim))
@@ -252,23 +253,52 @@ class Measurement:
 
 def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
             all_arms: list[Arm], personas: int, generate_gammas: list[float], boot: int,
-            passages: int, log: Callable[[str], None] = print) -> Measurement:
+            passages: int, log: Callable[[str], None] = print, controls_first: bool = True,
+            max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> Measurement:
+    """The cost first (perplexity ratio of every arm on neutral text), then per instrument
+    and axis: the unsteered base, the persona controls, and the arms. With `controls_first`
+    an instrument whose control fails for both poles of an axis is not steered on it (it
+    is uninformative there: nothing would be read); with `max_perplexity` an arm whose
+    cost exceeds it is not measured (the verdict never reads it). A random arm follows its
+    located arm's cost, so that their difference is measured wherever the located one is."""
     out = Measurement()
+    if passages > 0 and instruments:  # no instrument: a reliability-only run
+        clock = time.perf_counter()
+        texts = [subject.prompts.plain(t) for t in subject.data.neutral_passages[:passages]]
+        out.base_perplexity = perplexity(subject.model, texts, None, pad_token_id=subject.pad)
+        for arm in all_arms:
+            with arm.settings.context(subject.model) as steering:
+                value = perplexity(subject.model, texts, steering, pad_token_id=subject.pad)
+            out.perplexity[arm.settings.name] = value / out.base_perplexity
+        out.seconds["perplexity"] = time.perf_counter() - clock
+        log(f"perplexity of {len(all_arms)} arms: {out.seconds['perplexity']:.0f} s")
+
+    def affordable(arm: Arm) -> bool:
+        gate = f"located:{arm.dimension}@{arm.gamma:g}" if arm.kind == "random" \
+            else arm.settings.name
+        return max_perplexity is None or out.perplexity.get(gate, 1.0) <= max_perplexity
+
     for inst in instruments:
         clock = time.perf_counter()
         for axis in dict.fromkeys(AXIS_OF[d] for d in dims):
             signs = inst.signs(subject, axis)
             base = inst.score(subject, axis, None, None)
-            for dim in (d for d in dims if AXIS_OF[d] == axis):
-                direction = toward(dim)
+            on_axis = [d for d in dims if AXIS_OF[d] == axis]
+            for dim in on_axis:
                 persona = torch.stack([inst.score(subject, axis, p, None) for p in
                                        subject.data.personas(dim)[:personas]]).mean(0)
                 out.persona[(inst.name, dim)] = bootstrap_effect(
-                    persona - base, signs, boot, subject.seed).toward(direction)
+                    persona - base, signs, boot, subject.seed).toward(toward(dim))
+            if controls_first and not any(out.passes(inst.name, d) for d in on_axis):
+                out.skipped[(inst.name, axis)] = "fails its control on both poles"
+                log(f"instrument {inst.name}: control fails on {axis}, arms not measured")
+                continue
+            for dim in on_axis:
+                direction = toward(dim)
                 scores = {}
                 for arm in all_arms:
-                    if arm.dimension != dim or (inst.generates and
-                                                arm.gamma not in generate_gammas):
+                    if arm.dimension != dim or not affordable(arm) or (
+                            inst.generates and arm.gamma not in generate_gammas):
                         continue
                     scores[(arm.kind, arm.gamma)] = inst.score(subject, axis, None,
                                                                arm.settings)
@@ -282,15 +312,6 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                             subject.seed).toward(direction)
         out.seconds[inst.name] = time.perf_counter() - clock
         log(f"instrument {inst.name}: {out.seconds[inst.name]:.0f} s")
-    if passages > 0 and instruments:  # no instrument: a reliability-only run
-        clock = time.perf_counter()
-        texts = [subject.prompts.plain(t) for t in subject.data.neutral_passages[:passages]]
-        out.base_perplexity = perplexity(subject.model, texts, None, pad_token_id=subject.pad)
-        for arm in all_arms:
-            with arm.settings.context(subject.model) as steering:
-                value = perplexity(subject.model, texts, steering, pad_token_id=subject.pad)
-            out.perplexity[arm.settings.name] = value / out.base_perplexity
-        out.seconds["perplexity"] = time.perf_counter() - clock
     return out
 
 

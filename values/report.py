@@ -17,10 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from values.effects import NAN, Effect  # noqa: E402
+from values.effects import MAX_PERPLEXITY_RATIO, NAN, Effect  # noqa: E402
 from values.neurons import OPPOSITE  # noqa: E402
-
-MAX_PERPLEXITY_RATIO = 1.5
 
 
 def _cell(value: Any) -> str:
@@ -68,12 +66,13 @@ class InstrumentRow:
                 "reverse": str(self.reverse), "perplexity ratio": self.perplexity_ratio}
 
 
-def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float]) -> InstrumentRow:
+def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float],
+                   max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> InstrumentRow:
     """The row at the gamma (> 0) with the largest located-minus-random effect whose located
-    arm keeps the perplexity ratio <= MAX_PERPLEXITY_RATIO."""
+    arm keeps the perplexity ratio <= max_perplexity."""
     candidates = [g for g in gammas if g > 0 and (instrument, dim, g) in m.contrasts]
-    within = [g for g in candidates
-              if m.perplexity.get(f"located:{dim}@{g:g}", 1.0) <= MAX_PERPLEXITY_RATIO]
+    within = [g for g in candidates if max_perplexity is None or
+              m.perplexity.get(f"located:{dim}@{g:g}", 1.0) <= max_perplexity]
     pick = max(within or candidates or [float("nan")],
                key=lambda g: m.contrasts.get((instrument, dim, g), NAN).point
                if not math.isnan(g) else 0.0)
@@ -224,7 +223,8 @@ def effect_rows(m: Any) -> list[dict]:
 
 def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[str],
                  gammas: Sequence[float], sets_rows: list[dict], reliability: Sequence[Any],
-                 layer_counts: dict[str, list[int]], header: str = "") -> dict[str, float]:
+                 layer_counts: dict[str, list[int]], header: str = "",
+                 max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> dict[str, float]:
     """summary.md (verdicts first), CSV/MD tables, PNG plots, TensorBoard, control.json;
     returns the run's scalar metrics."""
     import json
@@ -233,7 +233,7 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
 
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
-        rows = [instrument_row(m, name, dim, gammas) for name in instruments]
+        rows = [instrument_row(m, name, dim, gammas, max_perplexity) for name in instruments]
         opposite = {(i, g): e for (i, d, g), e in m.contrasts.items() if d == OPPOSITE[dim]}
         verdicts[dim] = verdict(dim, rows, opposite)
         gate[dim] = {r.instrument: r.control for r in rows}
@@ -244,6 +244,17 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
             metrics[f"{r.instrument}/{dim}/persona"] = r.persona.point
             metrics[f"{r.instrument}/{dim}/located_minus_random"] = r.located_minus_random.point
     (out / "control.json").write_text(json.dumps(gate, indent=1))
+    failed: dict[str, list[str]] = {}
+    for i, axis in m.skipped:
+        failed.setdefault(i, []).append(axis)
+    unmeasured = [f"arms whose perplexity ratio exceeds x{max_perplexity:g}"
+                  ] if max_perplexity is not None else []
+    if failed:
+        unmeasured.append("the arms of instruments whose control fails on both poles of an "
+                          "axis: " + ", ".join(f"{i} ({' and '.join(a)})"
+                                               for i, a in failed.items()))
+    if unmeasured:
+        tables.append("Not measured: " + "; ".join(unmeasured) + ".\n")
     tables.append(write_table(sets_rows, out / "neurons", "Located neuron sets"))
     summary, curve = reliability_rows(reliability)
     if summary:
