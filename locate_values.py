@@ -44,7 +44,7 @@ log = logging.getLogger("locate_values")
 
 
 def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dims = [check_dimension(d, "dimensions") for d in cfg.dimensions]
     if not dims:
         raise ValueError("dimensions is empty: name at least one value dimension")
@@ -117,7 +117,10 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="locate_values.yaml")
 def main(cfg: DictConfig) -> float | None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    metrics, _ = run_reporting_errors(locate_values, cfg)
+    result = run_reporting_errors(locate_values, cfg)
+    if result is None:  # a multirun job's user error: the sweep goes on
+        return None
+    metrics, _ = result
     print("\n" + (Path(cfg.paths.output_dir) / "summary.md").read_text())
     print(f"outputs: {cfg.paths.output_dir}")
     return metrics.get(cfg.get("optimized_metric") or "")

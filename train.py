@@ -20,17 +20,18 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from callbacks.checkpoint import CheckpointError  # noqa: E402
 from modules.entry import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
 from modules.policy import describe  # noqa: E402
 from samplers.base import context_length  # noqa: E402
+from samplers.memory import check_budget  # noqa: E402
 
 log = logging.getLogger("train")
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    log.info("policy <%s>", cfg.policy._target_)
     policy = hydra.utils.instantiate(cfg.policy)
     log.info(describe(policy))
 
@@ -45,9 +46,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=policy.tokenizer,
                                          max_prompt_tokens=max_prompt)
 
-    log.info("sampler <%s>", cfg.sampler._target_)
     sampler = hydra.utils.instantiate(cfg.sampler)
     model = hydra.utils.instantiate(cfg.model, policy=policy, sampler=sampler)
+    check_budget(sampler, policy.model, cfg.model.max_new_tokens)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -57,7 +58,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))
 
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = cfg.get("ckpt_path")
+    try:
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except CheckpointError as err:  # raised while restoring: name the file
+        if str(err).startswith("ckpt_path="):
+            raise
+        raise CheckpointError(f"ckpt_path={str(ckpt_path)!r} {err}") from err
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     objects = dict(cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
@@ -67,7 +74,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics, objects = run_reporting_errors(train, cfg)
+    result = run_reporting_errors(train, cfg)
+    if result is None:  # a multirun job's user error: the sweep goes on
+        return None
+    metrics, objects = result
     trainer = objects["trainer"]
     if trainer.is_global_zero:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())

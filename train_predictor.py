@@ -39,7 +39,7 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(f"rollouts={cfg.get('rollouts')!r} is not a file: record one with "
                          f"predictors.rollouts.save_rollouts")
     if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     log.info("policy <%s>", cfg.policy._target_)
     policy = hydra.utils.instantiate(cfg.policy)
@@ -72,7 +72,10 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_predictor.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics, objects = run_reporting_errors(train_predictor, cfg)
+    result = run_reporting_errors(train_predictor, cfg)
+    if result is None:  # a multirun job's user error: the sweep goes on
+        return None
+    metrics, objects = result
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                         if k.startswith("predictor/"))
     print(f"\ntrained the {objects['predictor'].name} predictor: {summary}")

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bench.core import CONFIGS, Bench, Table, plot_gantts, write
+from modules.entry import run_reporting_errors
 from bench.lengths import table_predictor, table_record, table_scheduler
 from bench.prompt_kv import table_prompt_kv
 from bench.sampling import table_dynamic, table_memory, table_sweep, table_throughput
@@ -36,13 +37,12 @@ def header(bench: Bench) -> str:
             f"{bench.cfg.max_new_tokens}, seed={bench.cfg.seed}")
 
 
-@hydra.main(config_path="../configs", config_name="bench.yaml", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.table not in TABLES:
-        raise SystemExit(f"error: table must be one of {sorted(TABLES)}, got {cfg.table!r}")
+        raise ValueError(f"table must be one of {sorted(TABLES)}, got {cfg.table!r}")
     known = sorted(path.stem for path in (CONFIGS / "sampler").glob("*.yaml"))
     if unknown := [name for name in cfg.samplers if name not in known]:  # before the policy loads
-        raise SystemExit(f"error: samplers must be configs/sampler/ names {known}, got {unknown}")
+        raise ValueError(f"samplers must be configs/sampler/ names {known}, got {unknown}")
     bench = Bench(cfg)
     table = TABLES[cfg.table](bench)
     stem = Path(cfg.out_dir) / cfg.name
@@ -52,7 +52,14 @@ def main(cfg: DictConfig) -> None:
     plot_gantts(bench.traces, stem)
     if table.plot is not None:
         table.plot(table.rows, stem)
-    print(stem.with_suffix(".md").read_text())
+    return {}, {"stem": stem}
+
+
+@hydra.main(config_path="../configs", config_name="bench.yaml", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = run_reporting_errors(run, cfg)
+    if result is not None:
+        print(result[1]["stem"].with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

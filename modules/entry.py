@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,33 @@ class NotFileOnly(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not getattr(record, "file_only", False)
+
+class LightningNoise(logging.Filter):
+    """Lightning's lines that are not about this run: advertisements for its cloud products
+    and notes on settings our configs choose on purpose (a GPU user still sees
+    "GPU available: ...", and every warning)."""
+    DROPPED = ("💡 Tip:", "TPU available:", "HPU available:",
+               "`Trainer(limit_val_batches=1)` was configured")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.DROPPED)
+
+
+def quiet_third_parties() -> None:
+    """Silence, at their source, what other libraries print on every run and a user cannot act
+    on; our own warnings and every other library warning still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LightningNoise) for f in logger.filters):
+            logger.addFilter(LightningNoise())
+    # torch deprecated LeafSpec; Lightning 2.6's own pytree copy still builds one per batch
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%" bars of from_pretrained
+
+
+quiet_third_parties()
 
 # Errors that come from the user's config or data: printed as one clear line, no traceback.
 USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
@@ -54,23 +82,79 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) -> tuple:
-    """Save the config tree, then run; a bad-input error becomes one `error:` line and exit 1
-    (the traceback goes to the run's log), anything else is re-raised."""
+def qualify(message: str, key: str | None, cfg: DictConfig | None) -> str:
+    """Name the setting in full: a message that starts with a field of the config node `key`
+    ("group_size must be ...", raised while Hydra built `model`) gets the node's prefix."""
+    found = re.match(r"([A-Za-z_]\w*)\b", message)
+    if not (key and found and cfg is not None) or message.startswith(f"{key}."):
+        return message
+    node = OmegaConf.select(cfg, key, default=None)
+    if isinstance(node, DictConfig) and found.group(1) in node:
+        return f"{key}.{message}"
+    return message
+
+
+def error_line(err: BaseException, cause: BaseException, cfg: DictConfig | None) -> str:
+    """The one line a user error prints: what is wrong with which setting or file."""
+    text = " ".join(line.strip() for line in str(cause).strip().splitlines() if line.strip())
+    if isinstance(cause, ImportError) and not text.startswith(("No module", "cannot")):
+        text = f"{type(cause).__name__}: {text}"
+    text = text or type(cause).__name__
+    key = config_key(err)
+    text = qualify(text, key, cfg)
+    if key and key not in text:
+        text += f" (in the config `{key}`)"
+    return f"error: {text}"
+
+
+GROUPS_SHOWN = ("policy", "sampler", "data", "instruments", "locate/select", "predictor")
+
+
+def what_runs(cfg: DictConfig) -> str:
+    """One line for the terminal: the task, its main config choices, the overrides and the
+    run dir (the whole config goes to the log file and config_tree.yaml)."""
+    from hydra.core.hydra_config import HydraConfig
+    parts = [str(cfg.get("task_name", "run"))]
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = hydra_cfg.runtime.choices
+        parts += [f"{g}={choices[g]}" for g in GROUPS_SHOWN if choices.get(g)]
+        parts += [o for o in hydra_cfg.overrides.task
+                  if o.split("=")[0].lstrip("+~") not in GROUPS_SHOWN]
+    return " ".join(parts) + f" -> {cfg.paths.output_dir}"
+
+
+def multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) -> tuple | None:
+    """Save the config tree, then run. A bad-input error prints one `error:` line naming the
+    setting or file (the traceback goes to the run's log file only) and exits 1; in a Hydra
+    multirun it returns None instead, so that the sweep goes on with the next job. The line
+    is also written to `<output_dir>/error.txt`, for the sweep's report. Anything else (a
+    bug) is re-raised with its traceback."""
     output_dir = Path(cfg.paths.output_dir)
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    log.info("config:\n%s", text)
+    log.info("config:\n%s", text, extra={"file_only": True})
     (output_dir / "config_tree.yaml").write_text(text)
+    log.info(what_runs(cfg))
     try:
         return run(cfg)
     except Exception as err:  # noqa: BLE001 - reported below, then re-raised or exited
         cause = user_error(err)
         log.error("run failed; output dir: %s", output_dir, exc_info=True,
                   extra={"file_only": cause is not None})
+        line = error_line(err, cause, cfg) if cause is not None else \
+            f"error: {type(err).__name__}: {err} (a bug: the traceback is above)"
+        (output_dir / "error.txt").write_text(line + "\n")
         if cause is None:
             raise
-        key = config_key(err)
-        where = f"in the config `{key}`; " if key else ""
-        print(f"\nerror: {type(cause).__name__}: {cause}\n({where}details: {output_dir})",
-              file=sys.stderr)
+        logs = sorted(output_dir.glob("*.log"))
+        print(f"\n{line} (log: {logs[0] if logs else output_dir})", file=sys.stderr,
+              flush=True)
+        if multirun():
+            return None
         raise SystemExit(1) from None

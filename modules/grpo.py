@@ -19,12 +19,14 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from callbacks.checkpoint import check_compatible
 from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, batch_reward_std,
                                clipped_surrogate, entropy_from_logits, group_advantages, k3_kl,
                                token_log_probs)
 from modules.policy import Policy
 from modules.rewards import combine_rewards
-from samplers.base import GenerationSpec, Rollouts, Sampler, check_positive
+from samplers.base import GenerationSpec, Rollouts, Sampler, check_number, check_positive, \
+    check_sampling
 
 
 class GRPOModule(pl.LightningModule):
@@ -67,6 +69,17 @@ class GRPOModule(pl.LightningModule):
                              f"got {advantage_scale!r}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0 (0 = no reference model), got {beta}")
+        check_sampling(temperature, top_p, top_k)
+        check_number("lr", lr, 0.0, strict=True)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("warmup_steps", warmup_steps, 0, integer=True)
+        check_number("max_grad_norm", max_grad_norm, 0.0, strict=True)
+        check_number("advantage_eps", advantage_eps, 0.0)
+        check_number("epsilon_high", epsilon_high, 0.0)
+        if check_number("epsilon_low", epsilon_low, 0.0) >= 1.0:
+            raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low!r}")
+        if val_max_new_tokens is not None:
+            check_positive("val_max_new_tokens", val_max_new_tokens)
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
         self.automatic_optimization = False
         self.policy = policy.model.train()  # from_pretrained returns eval mode
@@ -109,6 +122,8 @@ class GRPOModule(pl.LightningModule):
             checkpoint["length_predictor"] = self.sampler.predictor.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint, self,
+                         sum(1 for p in self.policy.parameters() if p.requires_grad))
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])

@@ -28,19 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samplers.base import check_number  # noqa: F401 - re-exported for the predictors
+
 MAX_LOG = 20.0  # expm1(20) ~ 5e8 tokens: clamps a diverged head instead of returning inf
-
-
-def check_number(name: str, value: Any, minimum: float, integer: bool = False,
-                 strict: bool = False) -> Any:
-    """Raise a ValueError naming `name` unless value >= minimum (> minimum when strict)."""
-    kinds = (int,) if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kinds)
-    if bad or (value <= minimum if strict else value < minimum):
-        rule = f"{'>' if strict else '>='} {minimum}"
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} {rule}, "
-                         f"got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- the one loss

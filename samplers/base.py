@@ -126,6 +126,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
+def check_sampling(temperature: Any, top_p: Any, top_k: Any) -> None:
+    """The sampling settings, checked where a run is built and again per request."""
+    number = (int, float)
+    if isinstance(temperature, bool) or not isinstance(temperature, number) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, number) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+
+
 def validate_request(
     model: Any, prompts: Sequence[Sequence[int]], group_size: int, spec: GenerationSpec
 ) -> None:
@@ -134,12 +145,7 @@ def validate_request(
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if spec.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {spec.max_new_tokens}")
-    if spec.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {spec.temperature}")
-    if not 0.0 < spec.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {spec.top_p}")
-    if spec.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {spec.top_k}")
+    check_sampling(spec.temperature, spec.top_p, spec.top_k)
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt")
     limit = context_length(model)
@@ -177,6 +183,18 @@ def check_positive(name: str, value: Any) -> int:
     """Validate an int >= 1 config value such as micro_group_size."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, minimum: float, integer: bool = False,
+                 strict: bool = False) -> Any:
+    """Raise a ValueError naming `name` unless value >= minimum (> minimum when strict)."""
+    kinds = (int,) if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kinds)
+    if bad or (value <= minimum if strict else value < minimum):
+        rule = f"{'>' if strict else '>='} {minimum}"
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} {rule}, "
+                         f"got {value!r}")
     return value
 
 

@@ -37,7 +37,8 @@ from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBas
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
 from samplers.kv import PromptKV, Suspended, check_prompt_kv, prefill
-from samplers.memory import check_slots, kv_bytes_per_token, predict_peak_bytes, resolve_slots
+from samplers.memory import check_slots, format_bytes, kv_bytes_per_token, predict_peak_bytes, \
+    resolve_slots
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 
@@ -125,8 +126,8 @@ class InfiniteSampler(SamplerBase):
             return self.peak_bytes(model, prompts, group_size, spec, m)
 
         if self.micro_group_size == "auto" and peak(1) > self.memory_budget_gb * (1 << 30):
-            raise ValueError(f"memory_budget_gb={self.memory_budget_gb} is below the "
-                             f"{peak(1) / (1 << 30):.3f} GiB that one slot plus the prompts and "
+            raise ValueError(f"sampler.memory_budget_gb={self.memory_budget_gb} is below the "
+                             f"{format_bytes(peak(1))} that one slot plus the prompts and "
                              f"the parked probe KV need (lower probe_tokens or group_size)")
         return resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
                              group_size, spec, peak)

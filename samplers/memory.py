@@ -65,6 +65,22 @@ def live_prompt_bound(num_prompts: int, group_size: int, slots: int, rounds: boo
     return min(num_prompts, bound)
 
 
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB', 3 * 2**30 -> '3.00 GiB'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if unit != "GiB" else f"{n / size:.2f} GiB"
+    return f"{int(n)} B"
+
+
+def check_budget(sampler: Any, model: Any, max_new_tokens: int) -> None:
+    """Where a run is built: a `micro_group_size: auto` budget must hold at least the weights
+    and one slot of a one-token prompt (real prompts are checked again when sampled)."""
+    if getattr(sampler, "micro_group_size", None) == "auto":
+        resolve_slots("auto", sampler.memory_budget_gb, model, [[0]], 1,
+                      GenerationSpec(max_new_tokens))
+
+
 def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> None:
     """Validate the `micro_group_size` / `memory_budget_gb` pair of a sampler config."""
     if micro_group_size != "auto":
@@ -86,8 +102,8 @@ def resolve_slots(micro_group_size: int | str, memory_budget_gb: float | None, m
     budget = memory_budget_gb * (1 << 30)
     most = len(prompts) * group_size
     if peak(1) > budget:
-        raise ValueError(f"memory_budget_gb={memory_budget_gb} is below the "
-                         f"{peak(1) / (1 << 30):.3f} GiB that weights plus one slot need")
+        raise ValueError(f"sampler.memory_budget_gb={memory_budget_gb} is below the "
+                         f"{format_bytes(peak(1))} that weights plus one slot need")
     low, high = 1, most  # largest m with predicted peak <= budget (monotone in m)
     while low < high:
         mid = (low + high + 1) // 2
