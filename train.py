@@ -20,6 +20,7 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from bench.report import log_run_summary  # noqa: E402
 from callbacks.checkpoint import CheckpointError  # noqa: E402
 from modules.entry import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
 from modules.policy import describe  # noqa: E402
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise CheckpointError(f"ckpt_path={str(ckpt_path)!r} {err}") from err
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        log_run_summary(cfg, loggers)  # the HPARAMS tab: settings and the run's summary row
     objects = dict(cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
                    callbacks=callbacks, loggers=loggers, trainer=trainer)
     return metrics, objects

@@ -51,6 +51,37 @@ def quiet_third_parties() -> None:
 
 quiet_third_parties()
 
+# The keys a running multirun sweeps over (set when the sweep starts, bench/report.py).
+SWEPT_KEYS: set[str] = set()
+
+
+def swept_keys(hydra_cfg: Any) -> set[str]:
+    """The override keys a multirun varies: from the command line (`key=a,b`, ranges, globs)
+    and from `hydra.sweeper.params` (experiment configs that carry their sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    keys = {o.get_key_element() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))
+            if o.is_sweep_override()}
+    params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
+    return keys | set(params)
+
+
+def run_name() -> str:
+    """The `${run_name:}` resolver (configs/logger/tensorboard.yaml): in a multirun, the job's
+    values of the swept keys ("sampler=micro,model.group_size=16"), so that TensorBoard on a
+    sweep dir lists readable runs; "" in a single run (its folder already has its date)."""
+    if not multirun():
+        return ""
+    from hydra.core.hydra_config import HydraConfig
+    task = list(HydraConfig.get().overrides.task)
+    chosen = [o for o in task if o.split("=")[0].lstrip("+~") in SWEPT_KEYS] if SWEPT_KEYS \
+        else task
+    return re.sub(r"[/\\]", "_", ",".join(chosen))[:150]
+
+
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)
+
 # Errors that come from the user's config or data: printed as one clear line, no traceback.
 USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
 
@@ -151,6 +182,8 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
             f"error: {type(err).__name__}: {err} (a bug: the traceback is above)"
         (output_dir / "error.txt").write_text(line + "\n")
         if cause is None:
+            if multirun():  # the traceback is above; the sweep goes on, its report says it
+                return None
             raise
         logs = sorted(output_dir.glob("*.log"))
         print(f"\n{line} (log: {logs[0] if logs else output_dir})", file=sys.stderr,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
@@ -94,6 +96,8 @@ class GRPOModule(pl.LightningModule):
         if beta > 0 and not hasattr(self.policy, "disable_adapter"):
             self._ref.append(copy.deepcopy(self.policy).requires_grad_(False).eval())
         self.last_rollouts: Rollouts | None = None
+        self.last_step: StepRecord | None = None  # the latest training step (completions log)
+        self.last_validation: StepRecord | None = None
         self.reward_log: list[float] = []  # this process's mean reward per step of this run
 
     # ------------------------------------------------------------------ lightning plumbing
@@ -180,8 +184,10 @@ class GRPOModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         hp = self.hparams
+        clock = {"start": time.perf_counter()}
         with self.phase("sampling"):
             rollouts = self.generate(batch["prompt_ids"], hp.group_size, self.spec())
+        clock["sampled"] = time.perf_counter()
         self.last_rollouts = rollouts
         rewards, per_fn = self.score(batch, rollouts)
         batch_std = None
@@ -192,9 +198,16 @@ class GRPOModule(pl.LightningModule):
             batch_std = batch_reward_std(*sums).to(rewards.dtype)
         advantages = group_advantages(rewards, rollouts.prompt_index, hp.advantage_scale,
                                       hp.advantage_eps, batch_std=batch_std)
+        clock["scored"] = time.perf_counter()
         with self.phase("update"):
             update = self.update(batch["prompt_ids"], rollouts, advantages)
-        self.log_step(rollouts, rewards, per_fn, update)
+        clock["updated"] = time.perf_counter()
+        self.last_step = StepRecord(batch["prompt_ids"], rollouts, rewards, advantages)
+        self.log_step(rollouts, rewards, per_fn, update, {
+            "time/sampling_s": clock["sampled"] - clock["start"],
+            "time/reward_s": clock["scored"] - clock["sampled"],
+            "time/update_s": clock["updated"] - clock["scored"],
+            "time/step_s": time.perf_counter() - clock["start"]})
 
     def update(self, prompts: list[list[int]], rollouts: Rollouts,
                advantages: torch.Tensor) -> dict[str, float]:
@@ -318,7 +331,7 @@ class GRPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ logging
 
     def log_step(self, rollouts: Rollouts, rewards: torch.Tensor, per_fn: dict[str, torch.Tensor],
-                 update: dict[str, float]) -> None:
+                 update: dict[str, float], seconds: dict[str, float] | None = None) -> None:
         group = rollouts.prompt_index
         num_groups = int(group.max()) + 1
         self.reward_log.append(float(rewards.mean()))
@@ -339,6 +352,8 @@ class GRPOModule(pl.LightningModule):
         }
         if self.hparams.beta > 0:
             metrics["train/kl"] = torch.tensor(update["kl"])
+        for name, value in (seconds or {}).items():  # this rank's wall time per phase
+            metrics[name] = torch.tensor(value)
         for name, values in per_fn.items():
             metrics[f"train/rewards/{name}"] = values.mean()
         accuracy = self.hparams.accuracy_reward
@@ -359,12 +374,23 @@ class GRPOModule(pl.LightningModule):
         finally:
             self.sampler.learning = learning
         rewards, per_fn = self.score(batch, rollouts)
+        self.last_validation = StepRecord(batch["prompt_ids"], rollouts, rewards, None)
         size = len(batch["prompt_ids"])
         metrics = {"val/reward": rewards.mean(),
                    "val/completion_len_mean": rollouts.lengths.float().mean()}
         if hp.accuracy_reward in per_fn:
             metrics["val/accuracy"] = (per_fn[hp.accuracy_reward] >= 1.0).float().mean()
         self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=size)
+
+
+@dataclass
+class StepRecord:
+    """What a step sampled and how it was judged: prompts, rollouts, rewards [N] and
+    advantages [N] (None in validation)."""
+    prompts: list[list[int]]
+    rollouts: Rollouts
+    rewards: torch.Tensor
+    advantages: torch.Tensor | None
 
 
 class _AdapterDisabled(torch.nn.Module):
