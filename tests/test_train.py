@@ -184,7 +184,8 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
     target = tmp_path / "last.ckpt"
     from callbacks.checkpoint import AtomicCheckpointIO
 
-    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, target)
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "state_dict": {"w": torch.ones(1000)}},
+                                         target)
     script = textwrap.dedent(f"""
         import os, torch
         from callbacks.checkpoint import AtomicCheckpointIO
@@ -197,14 +198,15 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
             handle.write(data[: len(data) // 2]); handle.flush()
             os._exit(9)  # killed mid-write
         torch.save = dying_save
-        AtomicCheckpointIO().save_checkpoint({{"step": 2, "w": torch.zeros(1000)}},
+        AtomicCheckpointIO().save_checkpoint({{"step": 2,
+                                              "state_dict": {{"w": torch.zeros(1000)}}}},
                                              {str(target)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     loaded = AtomicCheckpointIO().load_checkpoint(target)
-    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    assert loaded["step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(1000))
     # what the killed process left is only its own temporary file, never the target
     others = {p.name for p in tmp_path.iterdir()} - {"last.ckpt"}
     assert all(name.startswith(".last.ckpt.tmp") for name in others)
