@@ -153,15 +153,20 @@ def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
     assert all(everything.passes("planted", d) == (AXIS_OF[d] == AXIS) for d in DIMENSIONS)
     # the cost limit: between the located arms' ratios, so that some pass and some do not
     ratio = everything.perplexity
-    limit = sorted(ratio[a.settings.name] for a in all_arms
-                   if a.kind == "located" and AXIS_OF[a.dimension] == AXIS)[2]
+    cheapest = sorted(min(ratio[f"located:{d}@{g:g}"] for d in AXES[AXIS])
+                      for g in (0.0, 1.0, 4.0))  # per gamma, the cheaper pole's located arm
+    limit = cheapest[1]  # the dearest gamma is left out on both poles
     planted.steered.clear()
     gated = measure(subject, [planted], DIMENSIONS, all_arms, 1, [], 20, 2, lambda _: None,
                     controls_first=True, max_perplexity=limit)
     assert gated.skipped == {("planted", other): "fails its control on both poles"}
+    def measured(a):  # reverse: its own cost; located, random: either pole's located cost
+        if a.kind == "reverse":
+            return ratio[a.settings.name] <= limit
+        return min(ratio[f"located:{d}@{a.gamma:g}"] for d in AXES[AXIS]) <= limit
+
     expected = [a.settings.name for a in all_arms if AXIS_OF[a.dimension] == AXIS and
-                ratio[a.settings.name if a.kind != "random"
-                      else f"located:{a.dimension}@{a.gamma:g}"] <= limit]
+                measured(a)]
     assert 0 < len(expected) < 18 and planted.steered == expected
     assert {(d, k, g) for _, d, k, g in gated.arms} == {
         (a.dimension, a.kind, a.gamma) for a in all_arms if a.settings.name in expected}

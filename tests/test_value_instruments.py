@@ -218,10 +218,17 @@ def test_verdicts_on_synthetic_rows():
         return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e, 1.2)
 
     beyond = (0.1, 0.03, 0.2)
+    beyond_e = Effect(*beyond)
     assert verdict("conservation", [row(True, beyond)])[0] == "shown"
     # the opposite pole's neurons move the instrument toward conservation too: not specific
     kind, text = verdict("conservation", [row(True, beyond)],
                          {("dilemmas", 4.0): Effect(-0.1, -0.2, -0.02)})
     assert kind == "refuted" and "Not specific to the pole" in text
+    # the opposite pole's neurons moved it away from conservation: specific, shown
+    assert verdict("conservation", [row(True, beyond)],
+                   {("dilemmas", 4.0): Effect(0.1, 0.02, 0.2)})[0] == "shown"
+    # the opposite pole's effect at that gamma was not measured: specificity unknown
+    kind, text = verdict("conservation", [row(True, beyond)], {("dilemmas", 2.0): beyond_e})
+    assert kind == "refuted" and "Pole-specificity not measured" in text
     assert verdict("conservation", [row(True, (0.0, -0.1, 0.1))])[0] == "refuted"
     assert verdict("conservation", [row(False, beyond)])[0] == "not testable on this model"

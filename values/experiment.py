@@ -259,8 +259,9 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
     and axis: the unsteered base, the persona controls, and the arms. With `controls_first`
     an instrument whose control fails for both poles of an axis is not steered on it (it
     is uninformative there: nothing would be read); with `max_perplexity` an arm whose
-    cost exceeds it is not measured (the verdict never reads it). A random arm follows its
-    located arm's cost, so that their difference is measured wherever the located one is."""
+    cost exceeds it is not measured (no verdict reads it): a located or random arm is measured
+    when its own located arm or the opposite pole's is within the limit (the opposite pole's
+    verdict checks pole-specificity with it), a reverse arm when its own cost is."""
     out = Measurement()
     if passages > 0 and instruments:  # no instrument: a reliability-only run
         clock = time.perf_counter()
@@ -273,10 +274,16 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
         out.seconds["perplexity"] = time.perf_counter() - clock
         log(f"perplexity of {len(all_arms)} arms: {out.seconds['perplexity']:.0f} s")
 
+    def within(name: str) -> bool:
+        return max_perplexity is None or out.perplexity.get(name, 1.0) <= max_perplexity
+
     def affordable(arm: Arm) -> bool:
-        gate = f"located:{arm.dimension}@{arm.gamma:g}" if arm.kind == "random" \
-            else arm.settings.name
-        return max_perplexity is None or out.perplexity.get(gate, 1.0) <= max_perplexity
+        if arm.kind == "reverse":
+            return within(arm.settings.name)
+        # located and random at gamma g: read by this pole's verdict, and by the opposite
+        # pole's pole-specificity check when that pole's located arm is within the limit
+        poles = [arm.dimension] + [OPPOSITE[arm.dimension]] * (OPPOSITE[arm.dimension] in dims)
+        return any(within(f"located:{d}@{arm.gamma:g}") for d in poles)
 
     for inst in instruments:
         clock = time.perf_counter()

@@ -102,7 +102,10 @@ def verdict(dim: str, rows: list[InstrumentRow],
     moved = [r for r in valid if r.located_minus_random.low > 0]
     unspecific = [r for r in moved
                   if (opposite or {}).get((r.instrument, r.gamma), NAN).high < 0]
-    shown = [r for r in moved if r not in unspecific]
+    # without the opposite pole's effect at that gamma, specificity is not known: not counted
+    unknown = [r for r in moved if opposite is not None and
+               (r.instrument, r.gamma) not in opposite]
+    shown = [r for r in moved if r not in unspecific and r not in unknown]
     against = [r for r in valid if r.located_minus_random.high < 0]
     lines = "; ".join(f"{r.instrument}: located - random {r.located_minus_random} at gamma "
                       f"{r.gamma:g} (reverse {r.reverse}, perplexity x{r.perplexity_ratio:.2f})"
@@ -114,6 +117,10 @@ def verdict(dim: str, rows: list[InstrumentRow],
                           for r in unspecific)
         tail = (f" Not specific to the pole: {names} move toward {dim} whichever pole's "
                 f"neurons are steered, so they are not counted.") + tail
+    if unknown:
+        tail = (" Pole-specificity not measured (the opposite pole's neurons were not steered at "
+                "that gamma): " + ", ".join(f"{r.instrument} at gamma {r.gamma:g}"
+                                            for r in unknown) + "; not counted.") + tail
     if shown:
         return "shown", (f"Steering the located {dim} neurons moves {len(shown)} of "
                          f"{len(valid)} valid instrument(s) toward {dim} beyond random "
