@@ -23,7 +23,7 @@ from train import train
 from values.data import AXES, AXIS_OF, load_value_data
 from values.experiment import arms, measure
 from values.instruments import DilemmaMargin, Subject
-from values.neurons import DIMENSIONS, ValueNeurons, model_signature, steer
+from values.neurons import DIMENSIONS, OPPOSITE, ValueNeurons, model_signature, steer
 
 AXIS = "openness_vs_conservation"
 DENSE = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
@@ -129,8 +129,12 @@ class PlantedControl:
         return torch.ones(6)
 
     def score(self, subject, axis, persona, settings):
-        if settings is not None:
+        if settings is not None:  # each set moves every unit toward its own pole
             self.steered.append(settings.name)
+            kind, dim = settings.name.split("@")[0].split(":")
+            toward_own = 1.0 if dim == AXES[axis][0] else -1.0
+            amount = {"located": 0.3, "random": 0.1, "reverse": -0.2}[kind]
+            return torch.full((6,), toward_own * amount, dtype=torch.float64)
         if persona is None:
             return torch.zeros(6, dtype=torch.float64)
         sign = 1.0 if self.pole_of[persona] == AXES[axis][0] else -1.0
@@ -171,6 +175,11 @@ def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
     assert {(d, k, g) for _, d, k, g in gated.arms} == {
         (a.dimension, a.kind, a.gamma) for a in all_arms if a.settings.name in expected}
     assert all((AXIS_OF[d] == AXIS) for _, d, _ in gated.contrasts)
+    # pole-specificity by hand: (0.3 - 0.1) toward its pole minus (0.3 - 0.1) toward the other
+    pairs = {(d, g) for _, d, g in gated.contrasts}
+    assert {(d, g) for _, d, g in gated.specific} == {
+        (d, g) for d, g in pairs if (OPPOSITE[d], g) in pairs} != set()
+    assert all(abs(e.point - 0.4) < 1e-9 for e in gated.specific.values())
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import torch
 
 from modules.policy import tiny
 from values.data import AXES, load_value_data
-from values.effects import Effect, bootstrap_effect, control_passes, mean_effect
+from values.effects import NAN, Effect, bootstrap_effect, control_passes, mean_effect
 from values.instruments import DilemmaMargin, LetteredChoice, Questionnaire, \
     StatementLikelihood, Subject
 from values.judges import EmbeddingJudge
@@ -213,22 +213,22 @@ def test_continuation_scorer_against_plain_forwards_again_and_again(family, wind
 def test_verdicts_on_synthetic_rows():
     from values.report import InstrumentRow, verdict
 
-    def row(control, contrast):
+    def row(control, contrast, specificity=(0.08, 0.02, 0.15)):
         e = Effect(*contrast)
-        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e, 1.2)
+        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e, 1.2,
+                             Effect(*specificity))
 
     beyond = (0.1, 0.03, 0.2)
-    beyond_e = Effect(*beyond)
     assert verdict("conservation", [row(True, beyond)])[0] == "shown"
-    # the opposite pole's neurons move the instrument toward conservation too: not specific
-    kind, text = verdict("conservation", [row(True, beyond)],
-                         {("dilemmas", 4.0): Effect(-0.1, -0.2, -0.02)})
+    # the opposite pole's neurons move the instrument about as much: not specific
+    kind, text = verdict("conservation", [row(True, beyond, (0.03, -0.04, 0.1))])
     assert kind == "refuted" and "Not specific to the pole" in text
-    # the opposite pole's neurons moved it away from conservation: specific, shown
-    assert verdict("conservation", [row(True, beyond)],
-                   {("dilemmas", 4.0): Effect(0.1, 0.02, 0.2)})[0] == "shown"
     # the opposite pole's effect at that gamma was not measured: specificity unknown
-    kind, text = verdict("conservation", [row(True, beyond)], {("dilemmas", 2.0): beyond_e})
+    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)])
     assert kind == "refuted" and "Pole-specificity not measured" in text
+    # the opposite pole was not run at all: said, and the effect is read without that check
+    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)],
+                         measured_specificity=False)
+    assert kind == "shown" and "pole-specificity is not checked" in text
     assert verdict("conservation", [row(True, (0.0, -0.1, 0.1))])[0] == "refuted"
     assert verdict("conservation", [row(False, beyond)])[0] == "not testable on this model"

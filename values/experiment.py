@@ -241,6 +241,8 @@ class Measurement:
     persona: dict[tuple[str, str], Effect] = field(default_factory=dict)  # (instr, dim)
     arms: dict[tuple[str, str, str, float], Effect] = field(default_factory=dict)
     contrasts: dict[tuple[str, str, float], Effect] = field(default_factory=dict)  # loc-rand
+    # (instr, dim, gamma): this pole's located-minus-random minus the opposite pole's, toward dim
+    specific: dict[tuple[str, str, float], Effect] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)  # arm name -> ratio to base
     base_perplexity: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
@@ -300,6 +302,7 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                 out.skipped[(inst.name, axis)] = "fails its control on both poles"
                 log(f"instrument {inst.name}: control fails on {axis}, arms not measured")
                 continue
+            beyond: dict[tuple[str, float], torch.Tensor] = {}  # located - random per unit
             for dim in on_axis:
                 direction = toward(dim)
                 scores = {}
@@ -314,9 +317,16 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                         subject.seed).toward(direction)
                 for (kind, g), steered in scores.items():
                     if kind == "located" and ("random", g) in scores:
+                        beyond[(dim, g)] = steered - scores[("random", g)]
                         out.contrasts[(inst.name, dim, g)] = bootstrap_effect(
-                            steered - scores[("random", g)], signs, boot,
-                            subject.seed).toward(direction)
+                            beyond[(dim, g)], signs, boot, subject.seed).toward(direction)
+            # pole-specificity: this pole's set moves the instrument toward this pole more than
+            # the opposite pole's set does (both beyond their random sets, on the same units)
+            for (dim, g), own in beyond.items():
+                if (OPPOSITE[dim], g) in beyond:
+                    out.specific[(inst.name, dim, g)] = bootstrap_effect(
+                        own - beyond[(OPPOSITE[dim], g)], signs, boot,
+                        subject.seed).toward(toward(dim))
         out.seconds[inst.name] = time.perf_counter() - clock
         log(f"instrument {inst.name}: {out.seconds[inst.name]:.0f} s")
     return out

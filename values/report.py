@@ -56,6 +56,8 @@ class InstrumentRow:
     located_minus_random: Effect
     reverse: Effect
     perplexity_ratio: float
+    specificity: Effect = NAN  # located - random of this pole's set minus the opposite's
+
 
     def cells(self) -> dict[str, Any]:
         return {"instrument": self.instrument, "control passed": "yes" if self.control else
@@ -63,6 +65,7 @@ class InstrumentRow:
                 "gamma": self.gamma, "located": str(self.located),
                 "random": str(self.random),
                 "located - random": str(self.located_minus_random),
+                "this pole's set - opposite's": str(self.specificity),
                 "reverse": str(self.reverse), "perplexity ratio": self.perplexity_ratio}
 
 
@@ -82,16 +85,18 @@ def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float],
         m.arms.get((instrument, dim, "random", pick), NAN),
         m.contrasts.get((instrument, dim, pick), NAN),
         m.arms.get((instrument, dim, "reverse", pick), NAN),
-        m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")))
+        m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")),
+        getattr(m, "specific", {}).get((instrument, dim, pick), NAN))
 
 
 def verdict(dim: str, rows: list[InstrumentRow],
-            opposite: dict[tuple[str, float], Effect] | None = None) -> tuple[str, str]:
-    """(shown | refuted | not testable, one paragraph) for a dimension. `opposite` holds the
-    opposite pole's located-minus-random effects (toward the opposite pole) by (instrument,
-    gamma): an instrument only shows a value effect when steering the opposite pole's neurons
-    does not move it toward this dimension too (beyond random); otherwise the effect is not
-    specific to the pole."""
+            measured_specificity: bool = True) -> tuple[str, str]:
+    """(shown | refuted | not testable, one paragraph) for a dimension. A valid instrument
+    shows the value when the located set moves it toward `dim` beyond random neurons AND
+    beyond what the opposite pole's located set does (`specificity`, both beyond their random
+    sets, interval above 0): otherwise the effect is one of steering many neurons, not of the
+    pole. With `measured_specificity=False` (the opposite pole was not run) that second
+    condition is not applied and the paragraph says so."""
     valid = [r for r in rows if r.control]
     failed = ", ".join(f"{r.instrument} {r.persona}" for r in rows if not r.control)
     if not valid:
@@ -100,36 +105,39 @@ def verdict(dim: str, rows: list[InstrumentRow],
             f"pole does not move any of them the intended way with an interval excluding 0 "
             f"(persona effects: {failed or 'none measured'}). Nothing is concluded.")
     moved = [r for r in valid if r.located_minus_random.low > 0]
-    unspecific = [r for r in moved
-                  if (opposite or {}).get((r.instrument, r.gamma), NAN).high < 0]
-    # without the opposite pole's effect at that gamma, specificity is not known: not counted
-    unknown = [r for r in moved if opposite is not None and
-               (r.instrument, r.gamma) not in opposite]
-    shown = [r for r in moved if r not in unspecific and r not in unknown]
+    if measured_specificity:
+        unknown = [r for r in moved if math.isnan(r.specificity.point)]
+        unspecific = [r for r in moved if r not in unknown and not r.specificity.low > 0]
+    else:
+        unknown, unspecific = [], []
+    shown = [r for r in moved if r not in unknown and r not in unspecific]
     against = [r for r in valid if r.located_minus_random.high < 0]
     lines = "; ".join(f"{r.instrument}: located - random {r.located_minus_random} at gamma "
-                      f"{r.gamma:g} (reverse {r.reverse}, perplexity x{r.perplexity_ratio:.2f})"
-                      for r in valid)
+                      f"{r.gamma:g} (this pole's set - the opposite's {r.specificity}, reverse "
+                      f"{r.reverse}, perplexity x{r.perplexity_ratio:.2f})" for r in valid)
     tail = f" Instruments that fail their control (not read): {failed}." if failed else ""
     if unspecific:
-        names = ", ".join(f"{r.instrument} (opposite pole's neurons: "
-                          f"{(opposite or {})[(r.instrument, r.gamma)]} toward the opposite)"
-                          for r in unspecific)
-        tail = (f" Not specific to the pole: {names} move toward {dim} whichever pole's "
-                f"neurons are steered, so they are not counted.") + tail
+        tail = (" Not specific to the pole: " + ", ".join(
+            f"{r.instrument} (this pole's set - the opposite's: {r.specificity})"
+            for r in unspecific) + f" move toward {dim} about as much whichever pole's neurons "
+            "are steered, so they are not counted.") + tail
     if unknown:
         tail = (" Pole-specificity not measured (the opposite pole's neurons were not steered at "
                 "that gamma): " + ", ".join(f"{r.instrument} at gamma {r.gamma:g}"
                                             for r in unknown) + "; not counted.") + tail
+    if not measured_specificity and moved:
+        tail = (" The opposite pole was not run, so pole-specificity is not checked.") + tail
     if shown:
         return "shown", (f"Steering the located {dim} neurons moves {len(shown)} of "
                          f"{len(valid)} valid instrument(s) toward {dim} beyond random "
-                         f"neurons of the same per-layer count: {lines}.{tail}")
+                         f"neurons of the same per-layer count and beyond the opposite pole's "
+                         f"neurons: {lines}.{tail}")
     against = (f" {len(against)} valid instrument(s) move the other way beyond random."
                if against else "")
     return "refuted", (f"With {len(valid)} valid instrument(s), the located {dim} neurons do "
-                       f"not move the instrument toward {dim} beyond random neurons at any "
-                       f"gamma within the perplexity budget: {lines}.{against}{tail}")
+                       f"not move the instrument toward {dim} beyond random neurons and the "
+                       f"opposite pole's neurons at any gamma within the perplexity budget: "
+                       f"{lines}.{against}{tail}")
 
 
 def dose_figure(m: Any, instrument: str, dims: Sequence[str],
@@ -241,8 +249,7 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
         rows = [instrument_row(m, name, dim, gammas, max_perplexity) for name in instruments]
-        opposite = {(i, g): e for (i, d, g), e in m.contrasts.items() if d == OPPOSITE[dim]}
-        verdicts[dim] = verdict(dim, rows, opposite)
+        verdicts[dim] = verdict(dim, rows, measured_specificity=OPPOSITE[dim] in dims)
         gate[dim] = {r.instrument: r.control for r in rows}
         text = write_table([r.cells() for r in rows], out / f"verdict_{dim}",
                            f"{dim}: {verdicts[dim][0]}")
