@@ -14,7 +14,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("train")
+log = logging.getLogger("run")
 
 
 class NotFileOnly(logging.Filter):
