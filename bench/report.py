@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-# (column, logged tag, how): per-step means, unless said otherwise
+# (column, logged tag): per-step means of what the run logged
 COLUMNS = [
     ("sampling s", "time/sampling_s"), ("reward s", "time/reward_s"),
     ("update s", "time/update_s"), ("step s", "time/step_s"),
@@ -112,6 +112,8 @@ def hparams_of(cfg: Any) -> dict[str, Any]:
     chosen, the main numbers, and every override of the command line."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
+
+    from modules.entry import override_key
     params: dict[str, Any] = {}
     task: list[str] = []
     if HydraConfig.initialized():
@@ -119,7 +121,7 @@ def hparams_of(cfg: Any) -> dict[str, Any]:
         params.update({g: choices[g] for g in ("policy", "sampler", "data", "predictor",
                                                "experiment") if choices.get(g)})
         task = list(HydraConfig.get().overrides.task)
-    keys = list(HPARAMS) + [o.split("=")[0].lstrip("+~") for o in task if "=" in o]
+    keys = list(HPARAMS) + [override_key(o) for o in task if "=" in o]
     for key in dict.fromkeys(keys):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and key not in params:

@@ -24,6 +24,7 @@ class NotFileOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not getattr(record, "file_only", False)
 
+
 class LightningNoise(logging.Filter):
     """Lightning's lines that are not about this run: advertisements for its cloud products
     and notes on settings our configs choose on purpose (a GPU user still sees
@@ -39,9 +40,7 @@ def quiet_third_parties() -> None:
     """Silence, at their source, what other libraries print on every run and a user cannot act
     on; our own warnings and every other library warning still show."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, LightningNoise) for f in logger.filters):
-            logger.addFilter(LightningNoise())
+        logging.getLogger(name).addFilter(LightningNoise())
     # torch deprecated LeafSpec; Lightning 2.6's own pytree copy still builds one per batch
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
@@ -50,6 +49,11 @@ def quiet_third_parties() -> None:
 
 
 quiet_third_parties()
+
+def override_key(override: str) -> str:
+    """`+model.lr=1e-5` -> `model.lr`: the key a command-line override sets."""
+    return override.split("=")[0].lstrip("+~")
+
 
 # The keys a running multirun sweeps over (set when the sweep starts, bench/report.py).
 SWEPT_KEYS: set[str] = set()
@@ -74,7 +78,7 @@ def run_name() -> str:
         return ""
     from hydra.core.hydra_config import HydraConfig
     task = list(HydraConfig.get().overrides.task)
-    chosen = [o for o in task if o.split("=")[0].lstrip("+~") in SWEPT_KEYS] if SWEPT_KEYS \
+    chosen = [o for o in task if override_key(o) in SWEPT_KEYS] if SWEPT_KEYS \
         else task
     return re.sub(r"[/\\]", "_", ",".join(chosen))[:150]
 
@@ -151,7 +155,7 @@ def what_runs(cfg: DictConfig) -> str:
         choices = hydra_cfg.runtime.choices
         parts += [f"{g}={choices[g]}" for g in GROUPS_SHOWN if choices.get(g)]
         parts += [o for o in hydra_cfg.overrides.task
-                  if o.split("=")[0].lstrip("+~") not in GROUPS_SHOWN]
+                  if override_key(o) not in GROUPS_SHOWN]
     return " ".join(parts) + f" -> {cfg.paths.output_dir}"
 
 

@@ -284,7 +284,7 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
             return within(arm.settings.name)
         # located and random at gamma g: read by this pole's verdict, and by the opposite
         # pole's pole-specificity check when that pole's located arm is within the limit
-        poles = [arm.dimension] + [OPPOSITE[arm.dimension]] * (OPPOSITE[arm.dimension] in dims)
+        poles = [d for d in (arm.dimension, OPPOSITE[arm.dimension]) if d in dims]
         return any(within(f"located:{d}@{arm.gamma:g}") for d in poles)
 
     for inst in instruments:

@@ -58,7 +58,6 @@ class InstrumentRow:
     perplexity_ratio: float
     specificity: Effect = NAN  # located - random of this pole's set minus the opposite's
 
-
     def cells(self) -> dict[str, Any]:
         return {"instrument": self.instrument, "control passed": "yes" if self.control else
                 "no (uninformative)", "persona effect": str(self.persona),
@@ -86,7 +85,7 @@ def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float],
         m.contrasts.get((instrument, dim, pick), NAN),
         m.arms.get((instrument, dim, "reverse", pick), NAN),
         m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")),
-        getattr(m, "specific", {}).get((instrument, dim, pick), NAN))
+        m.specific.get((instrument, dim, pick), NAN))
 
 
 def verdict(dim: str, rows: list[InstrumentRow],
