@@ -5,6 +5,7 @@ config node, the traceback only in the run's log).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -190,8 +191,9 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
                 return None
             raise
         logs = sorted(output_dir.glob("*.log"))
-        print(f"\n{line} (log: {logs[0] if logs else output_dir})", file=sys.stderr,
-              flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, not one per DDP/FSDP rank
+            print(f"\n{line} (log: {logs[0] if logs else output_dir})", file=sys.stderr,
+                  flush=True)
         if multirun():
             return None
         raise SystemExit(1) from None

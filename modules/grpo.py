@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from callbacks.checkpoint import check_compatible
+from modules.parallel import FSDP2Strategy, gradient_sync, sampling_weights, shard_model
 from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, batch_reward_std,
                                clipped_surrogate, entropy_from_logits, group_advantages, k3_kl,
                                token_log_probs)
@@ -29,6 +30,10 @@ from modules.policy import Policy
 from modules.rewards import combine_rewards
 from samplers.base import GenerationSpec, Rollouts, Sampler, check_number, check_positive, \
     check_sampling
+
+
+GRAD_SYNC = ("step", "micro_batch")  # gradient communication once per optimizer step or
+# after every update micro-batch (FSDP: keeps gradients sharded, at one collective each)
 
 
 class GRPOModule(pl.LightningModule):
@@ -55,6 +60,7 @@ class GRPOModule(pl.LightningModule):
         advantage_eps: float = 1e-4,
         mask_truncated_completions: bool = False,
         update_micro_batch: int = 8,
+        grad_sync: str = "step",
         accuracy_reward: str | None = "gsm8k",
         val_max_new_tokens: int | None = None,
         seed: int = 0,
@@ -64,6 +70,8 @@ class GRPOModule(pl.LightningModule):
         check_positive("max_new_tokens", max_new_tokens)
         check_positive("num_iterations", num_iterations)
         check_positive("update_micro_batch", update_micro_batch)
+        if grad_sync not in GRAD_SYNC:
+            raise ValueError(f"grad_sync must be one of {GRAD_SYNC}, got {grad_sync!r}")
         if loss_type not in LOSS_MODES:
             raise ValueError(f"loss_type must be one of {LOSS_MODES}, got {loss_type!r}")
         if advantage_scale not in ADVANTAGE_SCALES:
@@ -111,6 +119,17 @@ class GRPOModule(pl.LightningModule):
             optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (FSDP2Strategy): shard the policy, and the frozen reference the
+        same way (its forward gathers layer by layer, once per update micro-batch)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy) or hasattr(self.policy, "_grpo_sharded"):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for model in [self.policy, *self._ref]:
+            shard_model(model, mesh, strategy.reshard_after_forward)
+            model._grpo_sharded = True
+
     def on_fit_start(self) -> None:
         for ref in self._ref:
             ref.to(self.device)
@@ -126,8 +145,9 @@ class GRPOModule(pl.LightningModule):
             checkpoint["length_predictor"] = self.sampler.predictor.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_compatible(checkpoint, self,
-                         sum(1 for p in self.policy.parameters() if p.requires_grad))
+        if "state_dict" in checkpoint:  # FSDP2Strategy checked and loaded it already
+            check_compatible(checkpoint, self,
+                             sum(1 for p in self.policy.parameters() if p.requires_grad))
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
@@ -167,8 +187,9 @@ class GRPOModule(pl.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         steering = self.steering.context(self.policy) if self.steering else nullcontext()
-        try:
-            with steering:
+        gather = getattr(self.sampler, "gather_weights", True)
+        try:  # under FSDP: weights gathered once for the phase (or in lockstep, layer by layer)
+            with sampling_weights(self.policy, gather), steering:
                 return self.sampler.sample(self.policy, prompts, group_size, spec)
         finally:
             self.policy.train(was_training)
@@ -236,6 +257,11 @@ class GRPOModule(pl.LightningModule):
         for _ in range(hp.num_iterations):
             optimizer.zero_grad()
             for c, rows in enumerate(chunks):
+                # one gradient all-reduce (DDP) or reduce-scatter (FSDP) per optimizer step:
+                # the micro-batches before the last accumulate on this rank
+                last = c == len(chunks) - 1 or hp.grad_sync == "micro_batch"
+                sync = gradient_sync(self.trainer.model if self._trainer is not None else None,
+                                     self.policy, last)
                 rows_mask = mask[rows, : rollouts.lengths[rows].max()].to(self.device)
                 logp, entropy = self.log_probs(self.policy, prompts, rollouts, rows)
                 per_token, clipped = clipped_surrogate(
@@ -246,7 +272,8 @@ class GRPOModule(pl.LightningModule):
                     per_token = per_token + hp.beta * kl
                     sums["kl"] += float((kl.detach() * rows_mask).sum())
                 loss = aggregate_loss(per_token, rows_mask, hp.loss_type, **totals)
-                self.manual_backward(loss * world if world > 1 else loss)
+                with sync:
+                    self.manual_backward(loss * world if world > 1 else loss)
                 sums["loss"] += float(loss.detach())
                 sums["entropy"] += float((entropy * rows_mask).sum())
                 sums["clipped"] += float((clipped & rows_mask).sum())

@@ -108,6 +108,7 @@ class SamplerBase:
 
     predictor: Any | None = None
     learning: bool = True
+    gather_weights: bool = True  # trainer=fsdp: decode on weights gathered once per phase
 
     def bind(self, tokenizer: Any) -> None:
         """Nothing to bind: only length predictors read text."""
@@ -157,6 +158,17 @@ def validate_request(
                 f"prompts[{i}] has {len(prompt)} tokens; with max_new_tokens="
                 f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens"
             )
+
+
+def decoding_mode(model: Any) -> Any:
+    """`torch.inference_mode()` for decoding, but `torch.no_grad()` for an FSDP2-sharded model:
+    FSDP allocates its all-gather buffers once and reuses them in training, which refuses
+    inference tensors."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - PyTorch without FSDP2
+        return torch.inference_mode()
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
 def cache_keyword(model: Any) -> str:

@@ -29,7 +29,9 @@ MODES = ("fixed", "dynamic")
 
 class ContinuousSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, mode: str = "fixed",
-                 memory_budget_gb: float | None = None, prompt_kv: str = "shared") -> None:
+                 memory_budget_gb: float | None = None, prompt_kv: str = "shared",
+                 gather_weights: bool = True) -> None:
+        self.gather_weights = bool(gather_weights)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_slots(micro_group_size, memory_budget_gb)

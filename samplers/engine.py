@@ -43,8 +43,8 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, pack_rollouts,
-                           sample_tokens, uniforms)
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, decoding_mode,
+                           pack_rollouts, sample_tokens, uniforms)
 from samplers.kv import PromptKV, SlotCache, Suspended, check_prompt_kv, kv_geometry, prefill
 from samplers.prefix_attention import (SharedPrefix, layer_windows, prompt_groups,
                                        shared_prefix_implementation, windowed_masks)
@@ -121,7 +121,7 @@ class DecodeEngine:
     def run(self, queue: Queue) -> EngineResult:
         start = time.perf_counter()
         rows = HEAD_ROWS if self.device.type == "cpu" else 1
-        with torch.inference_mode(), padded_head(self.model, rows):
+        with decoding_mode(self.model), padded_head(self.model, rows):
             return _Run(self, queue).loop(start)
 
 

@@ -20,8 +20,9 @@ from samplers.scheduling import SampleQueue, fifo_order
 class FullSampler(SamplerBase):
     """All G rows of a prompt in one batch; prompts of a batch run one after another."""
 
-    def __init__(self, prompt_kv: str = "shared") -> None:
+    def __init__(self, prompt_kv: str = "shared", gather_weights: bool = True) -> None:
         self.prompt_kv = check_prompt_kv(prompt_kv)
+        self.gather_weights = bool(gather_weights)
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:

@@ -15,12 +15,15 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from samplers.base import (GenerationSpec, Rollouts, SamplerBase, SamplingStats, kv_bytes,
-                           output_cache, pack_rollouts, truncate_at_eos, validate_request)
+from samplers.base import (GenerationSpec, Rollouts, SamplerBase, SamplingStats, decoding_mode,
+                           kv_bytes, output_cache, pack_rollouts, truncate_at_eos, validate_request)
 
 
 class HFGenerateSampler(SamplerBase):
     """One `generate` call per prompt on G copies of it."""
+
+    def __init__(self, gather_weights: bool = True) -> None:
+        self.gather_weights = bool(gather_weights)
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
@@ -36,7 +39,7 @@ class HFGenerateSampler(SamplerBase):
             # covers greedy decoding, which refuses num_return_sequences > 1.
             ids = torch.tensor([prompt], device=device).expand(group_size, -1)  # [G, P]
             forked = [device] if device.type == "cuda" else []
-            with torch.inference_mode(), torch.random.fork_rng(devices=forked):
+            with decoding_mode(model), torch.random.fork_rng(devices=forked):
                 torch.manual_seed(spec.seed * 1_000_003 + i)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                      generation_config=config)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBase,
+from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBase, decoding_mode,
                            sample_tokens, uniforms, validate_request)
 from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
@@ -49,7 +49,8 @@ class InfiniteSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8, memory_budget_gb: float | None = None,
                  probe_tokens: int = 8, refill: str = "lpt", grouping: str = "fptas",
                  epsilon: float = 0.1, predictor: LengthPredictor | None = None,
-                 prompt_kv: str = "shared") -> None:
+                 prompt_kv: str = "shared", gather_weights: bool = True) -> None:
+        self.gather_weights = bool(gather_weights)
         check_slots(micro_group_size, memory_budget_gb)
         self.prompt_kv = check_prompt_kv(prompt_kv)
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) \
@@ -78,7 +79,7 @@ class InfiniteSampler(SamplerBase):
         validate_request(model, prompts, group_size, spec)
         m = self.slots(model, prompts, group_size, spec)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with decoding_mode(model):
             done, parked, store = self.probe(model, prompts, group_size, spec, m)
             samples = sorted(parked)
             batch = self.probe_batch(prompts, samples, parked)

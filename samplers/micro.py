@@ -24,7 +24,9 @@ from samplers.scheduling import SampleQueue, fifo_order
 
 class MicroSampler(SamplerBase):
     def __init__(self, micro_group_size: int | str = 8,
-                 memory_budget_gb: float | None = None, prompt_kv: str = "shared") -> None:
+                 memory_budget_gb: float | None = None, prompt_kv: str = "shared",
+                 gather_weights: bool = True) -> None:
+        self.gather_weights = bool(gather_weights)
         check_slots(micro_group_size, memory_budget_gb)
         check_prompt_kv(prompt_kv)
         self.micro_group_size = micro_group_size

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
 
+from modules.parallel import full_tensor
 from samplers.base import SamplerBase
 
 
@@ -123,7 +124,7 @@ class GradDump:
         class _Dump(pl.Callback):
             def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
                 if trainer.global_step == 0:
-                    grads = {n: p.grad.detach().cpu().clone()
+                    grads = {n: full_tensor(p.grad.detach()).cpu().clone()  # FSDP: gathered
                              for n, p in pl_module.policy.named_parameters()
                              if p.grad is not None}
                     torch.save(grads, f"{dirpath}/grads_rank{trainer.global_rank}.pt")
@@ -136,10 +137,11 @@ class PromptSeededSampler(SamplerBase):
     rollouts of a prompt do not depend on the rank, batch or position it was sampled in (the
     DDP test compares two ranks with one process on the same prompts)."""
 
-    def __init__(self, **_: Any) -> None:
+    def __init__(self, gather_weights: bool = True, **_: Any) -> None:
         from samplers.full import FullSampler
 
         self.inner = FullSampler()
+        self.gather_weights = gather_weights
 
     def sample(self, model, prompts, group_size, spec):
         import dataclasses
@@ -156,6 +158,113 @@ class PromptSeededSampler(SamplerBase):
                 completions.append(ids[:n].tolist())
                 finished.append(bool(done))
         return pack_rollouts(completions, finished, len(prompts), group_size, part.stats)
+
+
+class CollectiveCounter:
+    """Lightning callback that counts the collectives each training phase ("sampling",
+    "update") issues on this rank, seen from outside the code under test:
+    - every call of a `torch.distributed` function named all_gather*, reduce_scatter*,
+      all_reduce* or broadcast* (the module attributes are wrapped; nested calls count once);
+    - DDP's gradient buckets, through a DDP communication hook (`ddp_buckets`), since DDP
+      reduces in C++ without a Python call.
+    Writes `<dirpath>/collectives_rank<r>.json`: {phase: [{name: count}, one per phase run]}.
+    """
+
+    def __new__(cls, dirpath: str):
+        import json
+
+        import lightning.pytorch as pl
+        import torch.distributed as dist
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        prefixes = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
+
+        class _Counter(pl.Callback):
+            def __init__(self) -> None:
+                self.records: dict[str, list[dict[str, int]]] = {}
+                self.current: dict[str, int] | None = None
+                self.depth, self.saved = 0, {}
+
+            def count(self, name: str) -> None:
+                if self.current is not None:
+                    self.current[name] = self.current.get(name, 0) + 1
+
+            def setup(self, trainer, pl_module, stage) -> None:
+                for name in dir(dist):
+                    fn = getattr(dist, name)
+                    if name.startswith(prefixes) and callable(fn) and name not in self.saved:
+                        self.saved[name] = fn
+                        setattr(dist, name, self.wrap(name, fn))
+
+            def wrap(self, name, fn):
+                def counted(*args, **kwargs):
+                    if self.depth == 0:
+                        self.count(name)
+                    self.depth += 1
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        self.depth -= 1
+                return counted
+
+            def on_train_start(self, trainer, pl_module) -> None:
+                model = trainer.model
+                if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                    def hook(state, bucket):
+                        self.count("ddp_buckets")
+                        return default_hooks.allreduce_hook(state, bucket)
+                    model.register_comm_hook(None, hook)
+
+            def on_phase_start(self, trainer, pl_module, name: str) -> None:
+                self.current = {}
+                self.records.setdefault(name, []).append(self.current)
+
+            def on_phase_end(self, trainer, pl_module, name: str) -> None:
+                self.current = None
+
+            def teardown(self, trainer, pl_module, stage) -> None:
+                for name, fn in self.saved.items():
+                    setattr(dist, name, fn)
+                self.saved = {}
+                path = f"{dirpath}/collectives_rank{trainer.global_rank}.json"
+                with open(path, "w") as handle:
+                    json.dump(self.records, handle)
+
+        return _Counter()
+
+
+class RolloutDump:
+    """Lightning callback that saves, per rank, each prompt's completions from the training
+    steps (sampled) and the validation steps (greedy) to `<dirpath>/rollouts_rank<r>.pt` as
+    {"train": {(step, prompt tokens): [completion tokens...]}, "val": {...}}."""
+
+    def __new__(cls, dirpath: str):
+        import lightning.pytorch as pl
+
+        def by_prompt(record, step):
+            rollouts, out = record.rollouts, {}
+            for ids, n, owner in zip(rollouts.completion_ids, rollouts.lengths,
+                                     rollouts.prompt_index.tolist()):
+                key = (step, tuple(record.prompts[owner]))
+                out.setdefault(key, []).append(ids[:n].tolist())
+            return out
+
+        class _Dump(pl.Callback):
+            def __init__(self) -> None:
+                self.seen = {"train": {}, "val": {}}
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.seen["train"].update(by_prompt(pl_module.last_step, trainer.global_step))
+
+            def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                        dataloader_idx=0):
+                self.seen["val"].update(by_prompt(pl_module.last_validation,
+                                                  trainer.global_step))
+
+            def on_fit_end(self, trainer, pl_module) -> None:
+                torch.save(self.seen, f"{dirpath}/rollouts_rank{trainer.global_rank}.pt")
+
+        return _Dump()
 
 
 class ForwardCounter:

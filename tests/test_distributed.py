@@ -1,6 +1,12 @@
-"""Multi-process and multi-run tests: DDP on two CPU processes (gloo), Hydra multirun."""
+"""Multi-process and multi-run tests: DDP and FSDP2 on two CPU processes (gloo), Hydra multirun.
+
+Each two-rank run is compared with one process on the whole batch (gradients, rollouts,
+resumed weights), and collectives are counted from outside the code under test
+(`tests.helpers.CollectiveCounter`: a DDP communication hook and wrapped torch.distributed
+functions)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -28,13 +34,17 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type,scale", [("token_mean", "batch"), ("sequence_mean", "group"),
-                                             ("dr_grpo", "none")])
-def test_ddp_gradient_equals_one_process_on_the_whole_batch(tmp_path, loss_type, scale):
+@pytest.mark.parametrize("strategy,loss_type,scale", [
+    ("ddp", "token_mean", "batch"), ("ddp", "sequence_mean", "group"), ("ddp", "dr_grpo", "none"),
+    ("fsdp", "token_mean", "batch"), ("fsdp", "sequence_mean", "group")])
+def test_data_parallel_gradient_equals_one_process_on_the_whole_batch(tmp_path, strategy,
+                                                                       loss_type, scale):
     """Two gloo ranks on halves of a batch (2 prompts each) give the gradient of one process
     on the whole batch (4 prompts): the token and sequence normalisers and the batch reward
-    std are all-reduced, and each rank's loss is scaled for DDP's gradient averaging. The
-    rollouts of a prompt are made rank-independent by seeding them from its tokens."""
+    std are all-reduced, and each rank's loss is scaled for the gradient averaging of DDP's
+    all-reduce and FSDP's reduce-scatter. 3 update micro-batches per rank accumulate without
+    communication but the last. The rollouts of a prompt are made rank-independent by seeding
+    them from its tokens. Under FSDP the sharded gradients are gathered to compare."""
     common = [*TINY, *DENSE, f"model.loss_type={loss_type}", f"model.advantage_scale={scale}",
               "model.max_grad_norm=1e9", "model.update_micro_batch=3", "trainer.max_steps=1",
               "sampler=full", "sampler._target_=tests.helpers.PromptSeededSampler",
@@ -42,15 +52,98 @@ def test_ddp_gradient_equals_one_process_on_the_whole_batch(tmp_path, loss_type,
     one, two = tmp_path / "one", tmp_path / "two"
     run([*common, "data.batch_size=4", f"+callbacks.grads.dirpath={one}",
          f"hydra.run.dir={one}"])
-    run([*common, "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=2",
+    run([*common, f"trainer={strategy}", "trainer.accelerator=cpu", "data.batch_size=2",
          f"+callbacks.grads.dirpath={two}", f"hydra.run.dir={two}"])
     whole = torch.load(one / "grads_rank0.pt")
     ranks = [torch.load(two / f"grads_rank{r}.pt") for r in (0, 1)]
     assert whole.keys() == ranks[0].keys() == ranks[1].keys() and whole
     assert any(g.abs().max() > 0 for g in whole.values())
     for name, grad in whole.items():
-        torch.testing.assert_close(ranks[0][name], ranks[1][name])  # DDP synchronised them
+        torch.testing.assert_close(ranks[0][name], ranks[1][name])  # synchronised
         torch.testing.assert_close(ranks[0][name], grad, atol=1e-6, rtol=1e-4)
+
+
+def counts(path, phase: str, name: str) -> list[int]:
+    """Per phase run: how many `name` collectives rank 0 issued."""
+    records = json.loads((path / "collectives_rank0.json").read_text())
+    return [run.get(name, 0) for run in records[phase]]
+
+
+@pytest.mark.slow
+def test_ddp_one_gradient_all_reduce_per_optimizer_step(tmp_path):
+    """With 4 update micro-batches, DDP reduces the gradient buckets once per optimizer step,
+    as many as one backward over the whole update does; `model.grad_sync=micro_batch` (the
+    behaviour before `no_sync`) is the positive control: 4 times as many."""
+    common = [*TINY, "trainer=ddp", "callbacks=none", "model.group_size=4",
+              "+callbacks.count._target_=tests.helpers.CollectiveCounter"]
+    seen = {}
+    for name, extra in [("one_backward", ["model.update_micro_batch=8"]),
+                        ("four", ["model.update_micro_batch=2"]),
+                        ("four_each", ["model.update_micro_batch=2",
+                                       "model.grad_sync=micro_batch"])]:
+        out = tmp_path / name
+        run([*common, *extra, f"+callbacks.count.dirpath={out}", f"hydra.run.dir={out}"])
+        seen[name] = counts(out, "update", "ddp_buckets")
+    assert len(seen["one_backward"]) == 2 and min(seen["one_backward"]) >= 1
+    assert seen["four"] == seen["one_backward"]
+    assert seen["four_each"] == [4 * n for n in seen["one_backward"]]
+
+
+FSDP_ROLLOUTS = [*TINY, *DENSE, "model.lr=1e-3", "trainer.max_steps=2",
+                 "trainer.val_check_interval=1", "data.val_size=4", "model.max_new_tokens=12",
+                 "sampler=full", "sampler._target_=tests.helpers.PromptSeededSampler",
+                 "callbacks=none", "+callbacks.dump._target_=tests.helpers.RolloutDump"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gather", [True, False])
+def test_fsdp_rollouts_equal_one_process(tmp_path, gather):
+    """Under FSDP each rank samples its prompts (seeded from their tokens) exactly as one
+    process does, sampled in training and greedy in validation, after an update too. With
+    gathered weights a sampling phase all-gathers each FSDP unit at most once (the tiny
+    policy: 2 layers + root), whatever the number of tokens; layer by layer it gathers at every
+    forward, and the ranks' forwards stay in step until both have finished."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([*FSDP_ROLLOUTS, "data.batch_size=4", "data.val_batch_size=4",
+         f"+callbacks.dump.dirpath={one}", f"hydra.run.dir={one}"])
+    run([*FSDP_ROLLOUTS, "trainer=fsdp", "trainer.accelerator=cpu", "data.batch_size=2",
+         "data.val_batch_size=2", f"sampler.gather_weights={str(gather).lower()}",
+         f"+callbacks.dump.dirpath={two}", "+callbacks.count._target_=tests.helpers."
+         "CollectiveCounter", f"+callbacks.count.dirpath={two}", f"hydra.run.dir={two}"])
+    whole = torch.load(one / "rollouts_rank0.pt")
+    ranks = [torch.load(two / f"rollouts_rank{r}.pt") for r in (0, 1)]
+    for split in ("train", "val"):
+        merged = {**ranks[0][split], **ranks[1][split]}
+        assert len(ranks[0][split]) and len(ranks[1][split])
+        assert merged == whole[split], split
+    steps = {step for step, _ in whole["train"]}
+    assert steps == {1, 2}  # (the step count after it) the second samples updated weights
+    gathers = counts(two, "sampling", "all_gather_single") or \
+        counts(two, "sampling", "all_gather_into_tensor")
+    assert len(gathers) == 2
+    if gather:
+        assert all(1 <= n <= 3 for n in gathers), gathers
+    else:  # every decoding step is a forward over both layers at least
+        assert all(n >= 2 * 12 for n in gathers), gathers
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_uninterrupted_run(tmp_path):
+    """An FSDP run resumed from its step-2 checkpoint (a full state dict, one file) ends with
+    the weights of the run that was never interrupted."""
+    common = [*TINY, *DENSE, "trainer=fsdp", "trainer.accelerator=cpu", "model.lr=1e-3",
+              "trainer.max_steps=4", "trainer.val_check_interval=1000",
+              "callbacks.model_checkpoint.every_n_train_steps=2",
+              "callbacks.model_checkpoint.save_top_k=-1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run([*common, f"hydra.run.dir={full}"])
+    run([*common, f"ckpt_path={full / 'checkpoints' / 'step_000002.ckpt'}",
+         f"hydra.run.dir={resumed}"])
+    digests = [(d / f"weights_rank{r}.txt").read_text() for d in (full, resumed) for r in (0, 1)]
+    assert len(set(digests)) == 1
+    start = run([*common, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'two_steps'}"])
+    assert start.returncode == 0
+    assert (tmp_path / "two_steps" / "weights_rank0.txt").read_text() != digests[0]
 
 
 @pytest.mark.slow
