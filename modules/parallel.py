@@ -115,33 +115,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def resident_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights on this rank while it decodes layer by layer: every parameter's local
-    shard, plus the root unit gathered (it stays so) and the largest layer unit gathered."""
-    units = fsdp_units(model)
-    local = sum(_local(p).numel() * p.element_size() for p in model.parameters())
-    if not units:
-        return local
-    full = [sum(p.numel() * p.element_size() for p in _own_parameters(u, units))
-            for u in units]
-    return local + full[0] + max(full[1:], default=0)
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if hasattr(param, "to_local") else param
-
-
-def _own_parameters(unit: torch.nn.Module, units: list[Any]) -> list[torch.Tensor]:
-    """Parameters of `unit` that no nested unit owns (what its all-gather moves)."""
-    nested = {id(p) for u in units if u is not unit and _contains(unit, u)
-              for p in u.parameters()}
-    return [p for p in unit.parameters() if id(p) not in nested]
-
-
-def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
-
-
 # ----------------------------------------------------------------------------- sampling
 
 @contextmanager

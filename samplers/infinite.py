@@ -38,7 +38,7 @@ from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
 from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
 from samplers.kv import PromptKV, Suspended, check_prompt_kv, prefill
 from samplers.memory import check_slots, format_bytes, kv_bytes_per_token, predict_peak_bytes, \
-    resolve_slots
+    resolve_slots, weight_bytes
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
 
@@ -103,7 +103,7 @@ class InfiniteSampler(SamplerBase):
         if self.learning:
             self.predictor.observe(batch, true)
         result.predicted_peak_bytes = self.peak_bytes(model, prompts, group_size, spec, m)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         result.predicted_sampling_bytes = result.predicted_peak_bytes - weights
         record = PredictorRecord(self.predictor.name, self.probe_tokens, predicted.cpu(), true)
         return to_rollouts(result, len(prompts), group_size, spec, probe_steps=done.decoding_steps,

@@ -30,6 +30,37 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * element
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of weights on this device while the model decodes. Unsharded (or FSDP-sharded
+    but gathered for sampling, `sampler.gather_weights`): every parameter in full. Sharded and
+    decoding layer by layer (`gather_weights: false`): each parameter's local shard, plus
+    what one forward gathers at most: the root unit (embeddings, norm, head; it stays
+    gathered) and the largest decoder-layer unit."""
+    params = list(model.parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    held = sum(t.numel() * t.element_size() for t in local)
+    units = _fsdp_units(model)
+    if not units or not any(hasattr(p, "to_local") for p in params):
+        return held
+    gathered = []
+    for unit in units:  # full - local bytes of the parameters this unit's all-gather moves
+        nested = {id(q) for other in units if other is not unit and other in
+                  set(unit.modules()) for q in other.parameters()}
+        own = [q for q in unit.parameters() if id(q) not in nested]
+        gathered.append(sum((q.numel() - (q.to_local() if hasattr(q, "to_local") else q)
+                             .numel()) * q.element_size() for q in own))
+    return held + gathered[0] + max(gathered[1:], default=0)
+
+
+def _fsdp_units(model: Any) -> list[Any]:
+    """The FSDP2 units of `model`, root first (none when it is not sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,
                        slots: int, prompt_kv: str = "shared",
                        live_prompts: int | None = None) -> int:
@@ -43,7 +74,7 @@ def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpe
     """
     check_prompt_kv(prompt_kv)
     params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
+    weights = weight_bytes(model)
     per_token = kv_bytes_per_token(model.config, params[0].dtype)
     lengths = sorted((len(p) for p in prompts), reverse=True)
     if prompt_kv == "copied":
@@ -124,7 +155,7 @@ def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: Gener
     m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec, peak)
     result = DecodeEngine(model, prompts, spec, slots=m, prompt_kv=prompt_kv).run(queue)
     predicted = peak(m)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     result.predicted_peak_bytes = predicted
     result.predicted_sampling_bytes = predicted - weights
     return result

@@ -138,6 +138,24 @@ def test_unusable_checkpoint_is_one_line_naming_the_file(checkpoints, tmp_path, 
     assert expected in last, last
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["random", "other_model", "weights_only"])
+def test_unusable_checkpoint_under_fsdp_is_one_line(checkpoints, tmp_path, kind):
+    """Under trainer=fsdp (two gloo ranks) the strategy reads the file itself: the same one
+    line naming it, printed once, not once per rank."""
+    content = bad_contents(checkpoints)[kind]
+    path = checkpoints / {"other_model": "other_model.ckpt",
+                          "weights_only": "weights.ckpt"}.get(kind, "")
+    if content is not None:
+        path = tmp_path / f"{kind}.ckpt"
+        path.write_bytes(content)
+    run_dir = tmp_path / "run"
+    last = assert_one_error_line(run("train.py", *TINY, "trainer=fsdp", f"ckpt_path={path}",
+                                     cwd=run_dir), run_dir, str(path))
+    assert {"other_model": "another model", "weights_only": "weights only"}.get(
+        kind, "not a readable") in last, last
+
+
 def test_fuzzed_checkpoint_bytes_are_one_error(checkpoints, tmp_path):
     """20 random byte strings and 20 truncations of a real checkpoint at random lengths: each
     is one CheckpointError naming the file, whatever torch.load raised underneath."""

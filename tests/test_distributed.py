@@ -155,3 +155,53 @@ def test_multirun_sweeps_samplers(tmp_path):
     for job in jobs:
         assert (tmp_path / job / "csv" / "metrics.csv").exists()
         assert (tmp_path / job / ".hydra" / "config.yaml").exists()
+
+
+def _measure_sharded_weights(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from modules.parallel import sampling_weights, shard_model
+    from modules.policy import tiny
+    from samplers.memory import weight_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny().model
+        shard_model(model, init_device_mesh("cpu", (world,)))
+        seen = {"layered": weight_bytes(model)}
+        with sampling_weights(model, gather=True):
+            seen["gathered"] = weight_bytes(model)
+        seen["after"] = weight_bytes(model)
+        if rank == 0:
+            torch.save(seen, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_memory_planner_counts_sharded_and_gathered_weights(tmp_path):
+    """The planner's weights on rank 0 of 2, by hand from the unsharded model's shapes
+    (FSDP2 shards dim 0, rank 0 holding the ceiling half): gathered for sampling, every
+    parameter in full; layer by layer, the shards plus the rest of the root unit and of one
+    decoder layer."""
+    import random
+
+    from modules.policy import tiny
+
+    full = dict(tiny().model.named_parameters())
+    size = {n: p.numel() * p.element_size() for n, p in full.items()}
+    half = {n: -(-p.shape[0] // 2) * (p.numel() // p.shape[0]) * p.element_size()
+            for n, p in full.items()}
+    layer = [n for n in full if n.startswith("model.layers.0.")]
+    root = [n for n in full if not n.startswith("model.layers.")]
+    out = tmp_path / "seen.pt"
+    torch.multiprocessing.spawn(_measure_sharded_weights,
+                                args=(2, random.randint(20000, 40000), str(out)), nprocs=2)
+    seen = torch.load(out)
+    assert seen["gathered"] == sum(size.values())
+    expected = sum(half.values()) + sum(size[n] - half[n] for n in root + layer)
+    assert seen["layered"] == seen["after"] == expected
