@@ -77,7 +77,8 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def overrides(run_dir: Path) -> str:
     path = run_dir / ".hydra" / "overrides.yaml"
     items = yaml.safe_load(path.read_text()) if path.is_file() else []
-    return ",".join(o for o in items or [] if not o.startswith("hydra."))
+    # `ablation=<name>` picks the sweep itself: the same in every job, so not a label
+    return ",".join(o for o in items or [] if not o.startswith(("hydra.", "ablation=")))
 
 
 def mean(values: list[float]) -> float:
