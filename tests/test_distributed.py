@@ -2,7 +2,7 @@
 
 Each two-rank run is compared with one process on the whole batch (gradients, rollouts,
 resumed weights), and collectives are counted from outside the code under test
-(`tests.helpers.CollectiveCounter`: a DDP communication hook and wrapped torch.distributed
+(`bench.scale_out.CollectiveCounter`: a DDP communication hook and wrapped torch.distributed
 functions)."""
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_ddp_one_gradient_all_reduce_per_optimizer_step(tmp_path):
     as many as one backward over the whole update does; `model.grad_sync=micro_batch` (the
     behaviour before `no_sync`) is the positive control: 4 times as many."""
     common = [*TINY, "trainer=ddp", "callbacks=none", "model.group_size=4",
-              "+callbacks.count._target_=tests.helpers.CollectiveCounter"]
+              "+callbacks.count._target_=bench.scale_out.CollectiveCounter"]
     seen = {}
     for name, extra in [("one_backward", ["model.update_micro_batch=8"]),
                         ("four", ["model.update_micro_batch=2"]),
@@ -108,7 +108,7 @@ def test_fsdp_rollouts_equal_one_process(tmp_path, gather):
          f"+callbacks.dump.dirpath={one}", f"hydra.run.dir={one}"])
     run([*FSDP_ROLLOUTS, "trainer=fsdp", "trainer.accelerator=cpu", "data.batch_size=2",
          "data.val_batch_size=2", f"sampler.gather_weights={str(gather).lower()}",
-         f"+callbacks.dump.dirpath={two}", "+callbacks.count._target_=tests.helpers."
+         f"+callbacks.dump.dirpath={two}", "+callbacks.count._target_=bench.scale_out."
          "CollectiveCounter", f"+callbacks.count.dirpath={two}", f"hydra.run.dir={two}"])
     whole = torch.load(one / "rollouts_rank0.pt")
     ranks = [torch.load(two / f"rollouts_rank{r}.pt") for r in (0, 1)]
