@@ -205,3 +205,21 @@ def test_memory_planner_counts_sharded_and_gathered_weights(tmp_path):
     assert seen["gathered"] == sum(size.values())
     expected = sum(half.values()) + sum(size[n] - half[n] for n in root + layer)
     assert seen["layered"] == seen["after"] == expected
+
+
+def test_fsdp_checkpoints_are_one_atomic_file(tmp_path):
+    """trainer=fsdp saves full state dicts, written by rank 0 through the trainer's
+    AtomicCheckpointIO (temporary file + rename: a kill mid-save keeps the previous file,
+    tested for that plugin in test_train.py), not a sharded folder written in place."""
+    import hydra
+
+    from callbacks.checkpoint import AtomicCheckpointIO
+    from modules.parallel import FSDP2Strategy
+    from tests.conftest import compose_config
+
+    cfg = compose_config([*TINY, "trainer=fsdp"], tmp_path)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy)
+    assert trainer.strategy._save_distributed_checkpoint is False
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.strategy.root_device.type == "cpu" and trainer.num_devices == 2
