@@ -34,18 +34,22 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,loss_type,scale", [
-    ("ddp", "token_mean", "batch"), ("ddp", "sequence_mean", "group"), ("ddp", "dr_grpo", "none"),
-    ("fsdp", "token_mean", "batch"), ("fsdp", "sequence_mean", "group")])
+@pytest.mark.parametrize("strategy,loss_type,scale,beta", [
+    ("ddp", "token_mean", "batch", 0.0), ("ddp", "sequence_mean", "group", 0.0),
+    ("ddp", "dr_grpo", "none", 0.0), ("fsdp", "token_mean", "batch", 0.0),
+    ("fsdp", "sequence_mean", "group", 0.0), ("fsdp", "token_mean", "group", 0.5)])
 def test_data_parallel_gradient_equals_one_process_on_the_whole_batch(tmp_path, strategy,
-                                                                       loss_type, scale):
+                                                                       loss_type, scale, beta):
     """Two gloo ranks on halves of a batch (2 prompts each) give the gradient of one process
     on the whole batch (4 prompts): the token and sequence normalisers and the batch reward
     std are all-reduced, and each rank's loss is scaled for the gradient averaging of DDP's
     all-reduce and FSDP's reduce-scatter. 3 update micro-batches per rank accumulate without
     communication but the last. The rollouts of a prompt are made rank-independent by seeding
-    them from its tokens. Under FSDP the sharded gradients are gathered to compare."""
+    them from its tokens. Under FSDP the sharded gradients are gathered to compare; with
+    beta > 0 the frozen reference is sharded too (its k3 KL is 0 at the first step, where the
+    policy equals it, but its forward and gradient path run)."""
     common = [*TINY, *DENSE, f"model.loss_type={loss_type}", f"model.advantage_scale={scale}",
+              f"model.beta={beta}",
               "model.max_grad_norm=1e9", "model.update_micro_batch=3", "trainer.max_steps=1",
               "sampler=full", "sampler._target_=tests.helpers.PromptSeededSampler",
               "callbacks=none", "+callbacks.grads._target_=tests.helpers.GradDump"]
