@@ -30,7 +30,9 @@ from hydra.experimental.callback import Callback
 COLUMNS = [
     ("sampling s", "time/sampling_s"), ("reward s", "time/reward_s"),
     ("update s", "time/update_s"), ("step s", "time/step_s"),
-    ("decoding steps", "sampling/decoding_steps"), ("steps / LB", "sampling/steps_over_lb"),
+    ("decoding steps", "sampling/decoding_steps"),
+    ("probe steps", "sampling/probe_steps"),  # `infinite`: decoded before the plan, not above
+    ("steps / LB", "sampling/steps_over_lb"),
     ("tokens/s", "sampling/tokens_per_s"), ("peak sampling GB", "memory/peak_sampling_gb"),
     ("KV peak GB", "memory/kv_peak_gb"), ("predictor MAE", "predictor/mae"),
     ("completion length", "train/completion_len_mean"),
