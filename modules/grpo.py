@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from callbacks.checkpoint import check_compatible
-from modules.parallel import FSDP2Strategy, gradient_sync, sampling_weights, shard_model
+from modules.parallel import FSDP2Strategy, gradient_sync, is_sharded, sampling_weights, \
+    shard_model
 from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, batch_reward_std,
                                clipped_surrogate, entropy_from_logits, group_advantages, k3_kl,
                                token_log_probs)
@@ -123,12 +124,11 @@ class GRPOModule(pl.LightningModule):
         """Under `trainer=fsdp` (FSDP2Strategy): shard the policy, and the frozen reference the
         same way (its forward gathers layer by layer, once per update micro-batch)."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDP2Strategy) or hasattr(self.policy, "_grpo_sharded"):
+        if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.policy):
             return
         mesh = self.device_mesh["data_parallel"]
         for model in [self.policy, *self._ref]:
             shard_model(model, mesh, strategy.reshard_after_forward)
-            model._grpo_sharded = True
 
     def on_fit_start(self) -> None:
         for ref in self._ref:

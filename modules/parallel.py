@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from samplers.memory import fsdp_units
+
 try:  # PyTorch >= 2.6 exports FSDP2 here
     from torch.distributed.fsdp import FSDPModule, fully_shard
 except ImportError:  # pragma: no cover - older PyTorch
@@ -60,7 +62,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None
                         ) -> dict[str, Any]:
         """A full-state-dict file is read and checked as under one process (one clear error
-        for a bad file or another model) before the strategy loads it into the shards."""
+        for a bad file or another model) before the strategy loads it into the shards.
+        Lightning's loader takes a path and reads the file again; both reads are memory-mapped
+        (`mmap=True`), so the second costs page-cache hits, not another copy."""
         from pathlib import Path
 
         from callbacks.checkpoint import CheckpointError, check_compatible, read_checkpoint
@@ -99,11 +103,6 @@ def shard_model(model: torch.nn.Module, mesh: Any, reshard_after_forward: bool =
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     model._grpo_reshard_after_forward = reshard_after_forward  # restored after sampling
-
-
-def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
-    """The FSDP2 units of `model` (root first), empty when it is not sharded."""
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -39,31 +39,33 @@ def weight_bytes(model: Any) -> int:
     params = list(model.parameters())
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     held = sum(t.numel() * t.element_size() for t in local)
-    units = _fsdp_units(model)
+    units = fsdp_units(model)
     if not units or not any(hasattr(p, "to_local") for p in params):
         return held
-    gathered = []
-    for unit in units:  # full - local bytes of the parameters this unit's all-gather moves
-        nested = {id(q) for other in units if other is not unit and other in
-                  set(unit.modules()) for q in other.parameters()}
-        own = [q for q in unit.parameters() if id(q) not in nested]
-        gathered.append(sum((q.numel() - (q.to_local() if hasattr(q, "to_local") else q)
-                             .numel()) * q.element_size() for q in own))
+    # each parameter belongs to the innermost unit that holds it: walk the units inner first
+    owner: dict[int, int] = {}
+    for k in reversed(range(len(units))):
+        for q in units[k].parameters():
+            owner.setdefault(id(q), k)
+    gathered = [0] * len(units)  # full - local bytes of the parameters each all-gather moves
+    for q in params:
+        shard = q.to_local() if hasattr(q, "to_local") else q
+        gathered[owner.get(id(q), 0)] += (q.numel() - shard.numel()) * q.element_size()
     return held + gathered[0] + max(gathered[1:], default=0)
 
 
-def _fsdp_units(model: Any) -> list[Any]:
+def fsdp_units(model: Any) -> list[Any]:
     """The FSDP2 units of `model`, root first (none when it is not sharded)."""
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return []
+    except ImportError:  # pragma: no cover - older PyTorch
+        from torch.distributed._composable.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,
                        slots: int, prompt_kv: str = "shared",
-                       live_prompts: int | None = None) -> int:
+                       live_prompts: int | None = None, weights: int | None = None) -> int:
     """Weights + the engine's KV + logits buffers, for the `prompt_kv` layout.
 
     copied: m rows of (longest P + max_new_tokens), plus up to two prompts' KV while samples
@@ -74,7 +76,7 @@ def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpe
     """
     check_prompt_kv(prompt_kv)
     params = list(model.parameters())
-    weights = weight_bytes(model)
+    weights = weight_bytes(model) if weights is None else weights
     per_token = kv_bytes_per_token(model.config, params[0].dtype)
     lengths = sorted((len(p) for p in prompts), reverse=True)
     if prompt_kv == "copied":
@@ -148,14 +150,15 @@ def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: Gener
     """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
     the predicted peak in the result: in total (what the budget bounds) and above the weights
     (comparable with the measured `memory/peak_sampling_gb`)."""
+    weights = weight_bytes(model)
+
     def peak(m: int) -> int:
         live = live_prompt_bound(len(prompts), group_size, m, rounds)
-        return predict_peak_bytes(model, prompts, spec, m, prompt_kv, live)
+        return predict_peak_bytes(model, prompts, spec, m, prompt_kv, live, weights)
 
     m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec, peak)
     result = DecodeEngine(model, prompts, spec, slots=m, prompt_kv=prompt_kv).run(queue)
     predicted = peak(m)
-    weights = weight_bytes(model)
     result.predicted_peak_bytes = predicted
     result.predicted_sampling_bytes = predicted - weights
     return result
