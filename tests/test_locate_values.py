@@ -121,9 +121,9 @@ class PlantedControl:
     move every unit toward their pole) and that counts its steered scores."""
     name, generates = "planted", False
 
-    def __init__(self, data, passing_axis: str) -> None:
+    def __init__(self, data, passing_axis: str, failing_pole: str | None = None) -> None:
         self.pole_of = {p: d for d in DIMENSIONS for p in data.personas(d)}
-        self.passing_axis, self.steered = passing_axis, []
+        self.passing_axis, self.failing_pole, self.steered = passing_axis, failing_pole, []
 
     def signs(self, subject, axis):
         return torch.ones(6)
@@ -137,6 +137,8 @@ class PlantedControl:
             return torch.full((6,), toward_own * amount, dtype=torch.float64)
         if persona is None:
             return torch.zeros(6, dtype=torch.float64)
+        if self.pole_of[persona] == self.failing_pole:  # no move: its control fails
+            return torch.linspace(-0.1, 0.1, 6, dtype=torch.float64)
         sign = 1.0 if self.pole_of[persona] == AXES[axis][0] else -1.0
         return torch.full((6,), sign if axis == self.passing_axis else -sign,
                           dtype=torch.float64) + torch.linspace(-0.1, 0.1, 6)
@@ -180,6 +182,17 @@ def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
     assert {(d, g) for _, d, g in gated.specific} == {
         (d, g) for d, g in pairs if (OPPOSITE[d], g) in pairs} != set()
     assert all(abs(e.point - 0.4) < 1e-9 for e in gated.specific.values())
+    # one pole's control fails: its reverse arms are read by nothing and not measured; its
+    # located and random arms still are (the passing pole's specificity check reads them)
+    failing, passing = AXES[AXIS][1], AXES[AXIS][0]
+    one_pole = PlantedControl(subject.data, AXIS, failing_pole=failing)
+    half = measure(subject, [one_pole], DIMENSIONS, all_arms, 1, [], 20, 2, lambda _: None,
+                   controls_first=True, max_perplexity=None)
+    assert half.passes("planted", passing) and not half.passes("planted", failing)
+    assert one_pole.steered == [a.settings.name for a in all_arms if AXIS_OF[a.dimension] == AXIS
+                                and not (a.dimension == failing and a.kind == "reverse")]
+    assert {(d, g) for _, d, g in half.specific} == {(d, g) for d in AXES[AXIS]
+                                                     for g in (0.0, 1.0, 4.0)}
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:

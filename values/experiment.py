@@ -260,7 +260,8 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
     """The cost first (perplexity ratio of every arm on neutral text), then per instrument
     and axis: the unsteered base, the persona controls, and the arms. With `controls_first`
     an instrument whose control fails for both poles of an axis is not steered on it (it
-    is uninformative there: nothing would be read); with `max_perplexity` an arm whose
+    is uninformative there: nothing would be read), and a pole whose control fails is not
+    steered in reverse (no verdict reads it); with `max_perplexity` an arm whose
     cost exceeds it is not measured (no verdict reads it): a located or random arm is measured
     when its own located arm or the opposite pole's is within the limit (the opposite pole's
     verdict checks pole-specificity with it), a reverse arm when its own cost is."""
@@ -306,9 +307,14 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
             for dim in on_axis:
                 direction = toward(dim)
                 scores = {}
+                # a pole whose control fails has no verdict here: its located and random
+                # arms are still read by the opposite pole's pole-specificity check, its
+                # reverse arms by nothing
+                unread = controls_first and not out.passes(inst.name, dim)
                 for arm in all_arms:
                     if arm.dimension != dim or not affordable(arm) or (
-                            inst.generates and arm.gamma not in generate_gammas):
+                            inst.generates and arm.gamma not in generate_gammas) or (
+                            unread and arm.kind == "reverse"):
                         continue
                     scores[(arm.kind, arm.gamma)] = inst.score(subject, axis, None,
                                                                arm.settings)
