@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,13 @@ from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from values.data import load_value_data  # noqa: E402
 from values.experiment import (CONTRASTS, LocateSettings, arms, locate,  # noqa: E402
-                               location_statistics, measure, neuron_sets, nulls_for,
-                               reliability)
+                               location_prompts, location_statistics, measure, neuron_sets,
+                               nulls_for, reliability)
 from values.instruments import Subject  # noqa: E402
 from values.neurons import check_dimension, check_gamma, model_signature  # noqa: E402
 from values.report import write_report  # noqa: E402
-from values.storage import load_sets, load_statistics, save_sets, save_statistics  # noqa: E402
+from values.storage import (load_sets, load_statistics, location_key, save_sets,  # noqa: E402
+                            save_statistics)
 
 log = logging.getLogger("locate_values")
 
@@ -73,10 +75,19 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.neurons:  # saved sets: skip location
         located = load_sets(cfg.neurons, dims, model)
     else:
-        if cfg.statistics:
-            stats = load_statistics(cfg.statistics, signature, settings.sources(dims))
+        sources = settings.sources(dims)
+        cached = cache_path(cfg, subject, settings, sources) if (
+            settings.cache and not cfg.statistics) else None
+        if cfg.statistics or (cached is not None and cached.is_file()):
+            stats = load_statistics(str(cfg.statistics or cached), signature, sources)
+            if not cfg.statistics:
+                log.info(f"location statistics from the cache {cached} (locate.cache=false "
+                         "gathers them anew)")
         else:
-            stats = location_statistics(subject, settings, settings.sources(dims), log.info)
+            stats = location_statistics(subject, settings, sources, log.info)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                save_statistics(stats, signature, cached, responses=False)
         save_statistics(stats, signature, out / "pole_statistics.pt")
         contrasts = [c for c in CONTRASTS if all(CONTRASTS[c](d) in stats for d in dims)]
         pairs = [(a, b) for c in contrasts for d in dims for a, b in
@@ -112,6 +123,19 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                    sets=sets, measurement=measurement, reliability=reliabilities,
                    instruments=instruments)
     return metrics, objects
+
+
+def cache_path(cfg: DictConfig, subject: Subject, settings: LocateSettings,
+               sources: list[str]) -> Path:
+    """Where `locate.cache` keeps the location statistics of exactly this model, these
+    prompts and this sampler."""
+    prompts = {s: location_prompts(subject, s, settings.pairs) for s in sources}
+    code = [sys.modules[name] for name in ("values.statistics", "values.experiment",
+                                           "values.prompts", "samplers.engine",
+                                           type(subject.sampler).__module__)]
+    key = location_key(subject.model, prompts, settings.max_new_tokens, subject.eos,
+                       OmegaConf.to_yaml(cfg.sampler), code)
+    return Path(cfg.paths.cache_dir) / "pole_statistics" / f"{key[:32]}.pt"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="locate_values.yaml")

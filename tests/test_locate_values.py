@@ -33,7 +33,7 @@ DENSE = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
 QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.max_new_tokens=6",
          "steer.gamma=[0,1]", "validate.generate_gamma=[1]", "validate.bootstrap=50",
          "locate.top_k=20", "locate.null_shuffles=10", "locate.split_half_repeats=1",
-         "validate.personas=1", "validate.passages=2",
+         "validate.personas=1", "validate.passages=2", "locate.cache=false",
          # every instrument steered at every gamma (the gates have their own test)
          "validate.controls_first=false", "validate.max_perplexity=null"]
 
@@ -114,6 +114,36 @@ def test_saved_statistics_give_the_same_sets(tiny_run, tmp_path):
                                         tmp_path))
     assert torch.equal(again["sets"]["conservation"].toward.index,
                        objects["sets"]["conservation"].toward.index)
+
+
+def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
+    import locate_values as entry
+
+    base = [*(o for o in QUICK if not o.startswith("locate.cache")), "locate.cache=true",
+            f"paths.cache_dir={tmp_path / 'cache'}", "instruments=none",
+            "dimensions=[conservation]"]
+    for run in "abcd":
+        (tmp_path / run).mkdir()
+    _, first = locate_values(locate_cfg(base, tmp_path / "a"))
+    cached = list((tmp_path / "cache" / "pole_statistics").glob("*.pt"))
+    assert len(cached) == 1
+
+    def no_location(*args, **kwargs):
+        raise AssertionError("location ran although its statistics were cached")
+
+    monkeypatch.setattr(entry, "location_statistics", no_location)
+    _, second = locate_values(locate_cfg(base, tmp_path / "b"))  # a hit: same sets, same texts
+    for kind in ("toward", "away"):
+        assert torch.equal(getattr(second["sets"]["conservation"], kind).index,
+                           getattr(first["sets"]["conservation"], kind).index)
+    assert (tmp_path / "a" / "pole_responses.jsonl").read_text() == \
+        (tmp_path / "b" / "pole_responses.jsonl").read_text() != ""
+    # another response length is another key: location runs again
+    with pytest.raises(AssertionError, match="location ran"):
+        locate_values(locate_cfg([*base, "locate.max_new_tokens=5"], tmp_path / "c"))
+    monkeypatch.undo()
+    locate_values(locate_cfg([*base, "locate.cache=false"], tmp_path / "d"))
+    assert len(list((tmp_path / "cache" / "pole_statistics").glob("*.pt"))) == 1
 
 
 class PlantedControl:
@@ -208,6 +238,7 @@ def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     (["steer.scale=huge"], "steer.scale must be one of"),
     (["locate.contrast=sideways"], "locate.contrast must be one of reversed, opposite_pole"),
     (["locate.null_shuffles=0"], "locate.null_shuffles must be an integer >= 1"),
+    (["locate.cache=maybe"], "locate.cache must be true or false, got 'maybe'"),
     (["locate.top_k=-3"], "locate.top_k must be an integer >= 0"),
     (["neurons=/nonexistent"], "does not exist"),
     (["statistics=/nonexistent.pt"], "does not exist"),

@@ -44,8 +44,11 @@ class LocateSettings:
     contrast: str = "reversed"
     null_shuffles: int = 200
     split_half_repeats: int = 3
+    cache: bool = True  # reuse location statistics from paths.cache_dir (values/storage.py)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cache, bool):
+            raise ValueError(f"locate.cache must be true or false, got {self.cache!r}")
         if self.contrast not in CONTRASTS:
             raise ValueError(f"locate.contrast must be one of {', '.join(CONTRASTS)}, got "
                              f"{self.contrast!r}")

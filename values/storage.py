@@ -1,30 +1,39 @@
 """What a value-neuron run writes and reads back: location statistics (pole_statistics.pt, per
 prompt counts included) and neuron sets (neurons_<dimension>.json, neurons_<dimension>_away.json,
-random_*.json), each tied to the model architecture it came from.
+random_*.json), each tied to the model architecture it came from; and the cache of location
+statistics (`locate.cache`), keyed by everything that decides the greedy location responses.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from values.experiment import DimensionSets, SourceStats
 from values.neurons import OPPOSITE, ValueNeurons
 from values.statistics import ActivationSummary, PromptCounts
 
 
-def save_statistics(stats: dict[str, SourceStats], signature: dict, path: Path) -> None:
-    """`path` (.pt) and, beside it, pole_responses.jsonl: the greedy location responses."""
-    with open(path.with_name("pole_responses.jsonl"), "w") as handle:
-        handle.writelines(json.dumps({"source": name, "text": text}) + "\n"
-                          for name, s in stats.items() for text in s.texts)
+def save_statistics(stats: dict[str, SourceStats], signature: dict, path: Path,
+                    responses: bool = True) -> None:
+    """`path` (.pt, the responses' texts included) and, with `responses`, beside it
+    pole_responses.jsonl: the greedy location responses to read."""
+    if responses:
+        with open(path.with_name("pole_responses.jsonl"), "w") as handle:
+            handle.writelines(json.dumps({"source": name, "text": text}) + "\n"
+                              for name, s in stats.items() for text in s.texts)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": signature, "sources": {
         name: {"prob": s.summary.prob, "p95": s.summary.p95, "tokens": s.summary.tokens,
                "over_zero": s.counts.over_zero.to(torch.int16),  # counts <= max_new_tokens
-               "prompt_tokens": s.counts.tokens}
-        for name, s in stats.items()}}, path)
+               "prompt_tokens": s.counts.tokens, "texts": list(s.texts)}
+        for name, s in stats.items()}}, tmp)
+    os.replace(tmp, path)  # a run killed mid-save leaves no half-written file (the cache)
 
 
 def load_statistics(path: str, signature: dict, sources: list[str]) -> dict[str, SourceStats]:
@@ -34,7 +43,8 @@ def load_statistics(path: str, signature: dict, sources: list[str]) -> dict[str,
     try:
         saved = torch.load(path, weights_only=True)
         stats = {name: SourceStats(ActivationSummary(v["prob"], v["p95"], int(v["tokens"])),
-                                   PromptCounts.of(v["over_zero"], v["prompt_tokens"]))
+                                   PromptCounts.of(v["over_zero"], v["prompt_tokens"]),
+                                   list(v.get("texts", [])))
                  for name, v in saved["sources"].items()}
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise ValueError(f"statistics={path!r} is not a pole statistics file of this version "
@@ -47,6 +57,28 @@ def load_statistics(path: str, signature: dict, sources: list[str]) -> dict[str,
         raise ValueError(f"statistics={path!r} has no response set {missing} (locate.contrast "
                          "may differ from the run that wrote it)")
     return stats
+
+
+def location_key(model: Any, prompts: dict[str, list[list[int]]], max_new_tokens: int,
+                 eos_token_ids: Any, sampler: str, code: list[Any] = ()) -> str:
+    """SHA-256 of what decides the location statistics: the weights (every tensor of the state
+    dict, with its name, dtype and device type), the location prompts' token ids per source,
+    the response length, the stop ids, the sampler's settings, the source files of the `code`
+    modules that decode and count (a change there invalidates the cache), and the torch and
+    transformers versions (their kernels decide greedy ties)."""
+    digest = hashlib.sha256()
+    for module in code:
+        digest.update(Path(module.__file__).read_bytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tensor.device.type}:{tuple(tensor.shape)}"
+                      .encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens,
+                              "eos": sorted(map(int, eos_token_ids or [])), "sampler": sampler,
+                              "torch": torch.__version__,
+                              "transformers": transformers.__version__},
+                             sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def save_sets(sets: dict[str, DimensionSets], out: Path, layers: int) -> list[dict[str, Any]]:
