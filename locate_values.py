@@ -78,16 +78,15 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         sources = settings.sources(dims)
         cached = cache_path(cfg, subject, settings, sources) if (
             settings.cache and not cfg.statistics) else None
-        if cfg.statistics or (cached is not None and cached.is_file()):
-            stats = load_statistics(str(cfg.statistics or cached), signature, sources)
-            if not cfg.statistics:
-                log.info(f"location statistics from the cache {cached} (locate.cache=false "
-                         "gathers them anew)")
+        if cfg.statistics:
+            stats = load_statistics(cfg.statistics, signature, sources)
         else:
-            stats = location_statistics(subject, settings, sources, log.info)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                save_statistics(stats, signature, cached, responses=False)
+            stats = cached_statistics(cached, signature, sources)
+            if stats is None:
+                stats = location_statistics(subject, settings, sources, log.info)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    save_statistics(stats, signature, cached, responses=False)
         save_statistics(stats, signature, out / "pole_statistics.pt")
         contrasts = [c for c in CONTRASTS if all(CONTRASTS[c](d) in stats for d in dims)]
         pairs = [(a, b) for c in contrasts for d in dims for a, b in
@@ -136,6 +135,20 @@ def cache_path(cfg: DictConfig, subject: Subject, settings: LocateSettings,
     key = location_key(subject.model, prompts, settings.max_new_tokens, subject.eos,
                        OmegaConf.to_yaml(cfg.sampler), code)
     return Path(cfg.paths.cache_dir) / "pole_statistics" / f"{key[:32]}.pt"
+
+
+def cached_statistics(path: Path | None, signature: dict, sources: list[str]) -> Any:
+    """The cached statistics, or None (no cache, no entry, or one unreadable: gathered anew)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        stats = load_statistics(str(path), signature, sources)
+    except ValueError as err:
+        log.warning(f"locate.cache: {err}; gathering the statistics anew")
+        return None
+    log.info(f"location statistics from the cache {path} (locate.cache=false gathers them "
+             "anew)")
+    return stats
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="locate_values.yaml")

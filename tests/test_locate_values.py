@@ -122,7 +122,7 @@ def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
     base = [*(o for o in QUICK if not o.startswith("locate.cache")), "locate.cache=true",
             f"paths.cache_dir={tmp_path / 'cache'}", "instruments=none",
             "dimensions=[conservation]"]
-    for run in "abcd":
+    for run in "abcde":
         (tmp_path / run).mkdir()
     _, first = locate_values(locate_cfg(base, tmp_path / "a"))
     cached = list((tmp_path / "cache" / "pole_statistics").glob("*.pt"))
@@ -138,6 +138,10 @@ def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
                            getattr(first["sets"]["conservation"], kind).index)
     assert (tmp_path / "a" / "pole_responses.jsonl").read_text() == \
         (tmp_path / "b" / "pole_responses.jsonl").read_text() != ""
+    # an unreadable entry is gathered anew, not an error
+    cached[0].write_bytes(b"not a torch file")
+    with pytest.raises(AssertionError, match="location ran"):
+        locate_values(locate_cfg(base, tmp_path / "e"))
     # another response length is another key: location runs again
     with pytest.raises(AssertionError, match="location ran"):
         locate_values(locate_cfg([*base, "locate.max_new_tokens=5"], tmp_path / "c"))
