@@ -227,6 +227,7 @@ def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
                                 and not (a.dimension == failing and a.kind == "reverse")]
     assert {(d, g) for _, d, g in half.specific} == {(d, g) for d in AXES[AXIS]
                                                      for g in (0.0, 1.0, 4.0)}
+    assert half.no_reverse == [("planted", failing)] and gated.no_reverse == []
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:

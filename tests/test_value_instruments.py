@@ -213,10 +213,10 @@ def test_continuation_scorer_against_plain_forwards_again_and_again(family, wind
 def test_verdicts_on_synthetic_rows():
     from values.report import InstrumentRow, verdict
 
-    def row(control, contrast, specificity=(0.08, 0.02, 0.15)):
+    def row(control, contrast, specificity=(0.08, 0.02, 0.15), perplexity=1.2):
         e = Effect(*contrast)
-        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e, 1.2,
-                             Effect(*specificity))
+        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e,
+                             perplexity, Effect(*specificity))
 
     beyond = (0.1, 0.03, 0.2)
     assert verdict("conservation", [row(True, beyond)])[0] == "shown"
@@ -231,4 +231,9 @@ def test_verdicts_on_synthetic_rows():
                          measured_specificity=False)
     assert kind == "shown" and "pole-specificity is not checked" in text
     assert verdict("conservation", [row(True, (0.0, -0.1, 0.1))])[0] == "refuted"
+    # measured only above the cost limit: shown in the table, never counted
+    kind, text = verdict("conservation", [row(True, beyond, perplexity=1.74)])
+    assert kind == "refuted" and "Above the perplexity limit" in text and "x1.74" in text
+    assert verdict("conservation", [row(True, beyond, perplexity=1.74)],
+                   max_perplexity=None)[0] == "shown"
     assert verdict("conservation", [row(False, beyond)])[0] == "not testable on this model"

@@ -250,6 +250,7 @@ class Measurement:
     base_perplexity: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)  # (instr, axis): why
+    no_reverse: list[tuple[str, str]] = field(default_factory=list)  # (instr, dim): control fails
 
     def passes(self, instrument: str, dim: str) -> bool:
         effect = self.persona.get((instrument, dim))
@@ -314,6 +315,8 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                 # arms are still read by the opposite pole's pole-specificity check, its
                 # reverse arms by nothing
                 unread = controls_first and not out.passes(inst.name, dim)
+                if unread:
+                    out.no_reverse.append((inst.name, dim))
                 for arm in all_arms:
                     if arm.dimension != dim or not affordable(arm) or (
                             inst.generates and arm.gamma not in generate_gammas) or (

@@ -88,14 +88,15 @@ def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float],
         m.specific.get((instrument, dim, pick), NAN))
 
 
-def verdict(dim: str, rows: list[InstrumentRow],
-            measured_specificity: bool = True) -> tuple[str, str]:
+def verdict(dim: str, rows: list[InstrumentRow], measured_specificity: bool = True,
+            max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> tuple[str, str]:
     """(shown | refuted | not testable, one paragraph) for a dimension. A valid instrument
     shows the value when the located set moves it toward `dim` beyond random neurons AND
     beyond what the opposite pole's located set does (`specificity`, both beyond their random
     sets, interval above 0): otherwise the effect is one of steering many neurons, not of the
     pole. With `measured_specificity=False` (the opposite pole was not run) that second
-    condition is not applied and the paragraph says so."""
+    condition is not applied and the paragraph says so. A row whose only measured gamma is
+    above `max_perplexity` (shown in the table for completeness) is never counted."""
     valid = [r for r in rows if r.control]
     failed = ", ".join(f"{r.instrument} {r.persona}" for r in rows if not r.control)
     if not valid:
@@ -103,7 +104,9 @@ def verdict(dim: str, rows: list[InstrumentRow],
             f"No instrument passes its positive control for {dim}: a persona prompt of this "
             f"pole does not move any of them the intended way with an interval excluding 0 "
             f"(persona effects: {failed or 'none measured'}). Nothing is concluded.")
-    moved = [r for r in valid if r.located_minus_random.low > 0]
+    costly = [r for r in valid if max_perplexity is not None and
+              r.perplexity_ratio > max_perplexity]
+    moved = [r for r in valid if r.located_minus_random.low > 0 and r not in costly]
     if measured_specificity:
         unknown = [r for r in moved if math.isnan(r.specificity.point)]
         unspecific = [r for r in moved if r not in unknown and not r.specificity.low > 0]
@@ -124,6 +127,10 @@ def verdict(dim: str, rows: list[InstrumentRow],
         tail = (" Pole-specificity not measured (the opposite pole's neurons were not steered at "
                 "that gamma): " + ", ".join(f"{r.instrument} at gamma {r.gamma:g}"
                                             for r in unknown) + "; not counted.") + tail
+    if costly:
+        tail = (" Above the perplexity limit at every measured gamma (not counted): " +
+                ", ".join(f"{r.instrument} (x{r.perplexity_ratio:.2f} at gamma {r.gamma:g})"
+                          for r in costly) + ".") + tail
     if not measured_specificity and moved:
         tail = (" The opposite pole was not run, so pole-specificity is not checked.") + tail
     if shown:
@@ -248,7 +255,7 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
         rows = [instrument_row(m, name, dim, gammas, max_perplexity) for name in instruments]
-        verdicts[dim] = verdict(dim, rows, measured_specificity=OPPOSITE[dim] in dims)
+        verdicts[dim] = verdict(dim, rows, OPPOSITE[dim] in dims, max_perplexity)
         gate[dim] = {r.instrument: r.control for r in rows}
         text = write_table([r.cells() for r in rows], out / f"verdict_{dim}",
                            f"{dim}: {verdicts[dim][0]}")
@@ -266,6 +273,13 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
         unmeasured.append("the arms of instruments whose control fails on both poles of an "
                           "axis: " + ", ".join(f"{i} ({' and '.join(a)})"
                                                for i, a in failed.items()))
+    poles: dict[str, list[str]] = {}
+    for i, dim in m.no_reverse:
+        poles.setdefault(i, []).append(dim)
+    if poles:
+        unmeasured.append("the reverse arms of a pole whose control fails (nothing reads "
+                          "them): " + ", ".join(f"{i} ({' and '.join(d)})"
+                                                for i, d in poles.items()))
     if unmeasured:
         tables.append("Not measured: " + "; ".join(unmeasured) + ".\n")
     tables.append(write_table(sets_rows, out / "neurons", "Located neuron sets"))
