@@ -76,11 +76,10 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         located = load_sets(cfg.neurons, dims, model)
     else:
         sources = settings.sources(dims)
-        cached = cache_path(cfg, subject, settings, sources) if (
-            settings.cache and not cfg.statistics) else None
         if cfg.statistics:
             stats = load_statistics(cfg.statistics, signature, sources)
         else:
+            cached = cache_path(cfg, subject, settings, sources) if settings.cache else None
             stats = cached_statistics(cached, signature, sources)
             if stats is None:
                 stats = location_statistics(subject, settings, sources, log.info)
