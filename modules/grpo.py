@@ -131,8 +131,11 @@ class GRPOModule(pl.LightningModule):
             shard_model(model, mesh, strategy.reshard_after_forward)
 
     def on_fit_start(self) -> None:
+        # the reference follows the policy's device and dtype (a `*-true` precision converted
+        # the policy, not the reference, which is outside the module's state)
+        dtype = next(self.policy.parameters()).dtype
         for ref in self._ref:
-            ref.to(self.device)
+            ref.to(device=self.device, dtype=dtype)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain tensors, lists and ints only, so `torch.load(weights_only=True)` accepts it.
@@ -213,10 +216,10 @@ class GRPOModule(pl.LightningModule):
         rewards, per_fn = self.score(batch, rollouts)
         batch_std = None
         if hp.advantage_scale == "batch":  # the std of the whole batch, over every rank
-            sums = self.all_ranks_sum(torch.stack([torch.tensor(float(len(rewards))),
-                                                   rewards.double().sum(),
-                                                   rewards.double().square().sum()]))
-            batch_std = batch_reward_std(*sums).to(rewards.dtype)
+            sums = self.all_ranks_sum(torch.stack([
+                torch.tensor(float(len(rewards)), dtype=torch.float64),
+                rewards.double().sum(), rewards.double().square().sum()]))
+            batch_std = batch_reward_std(*sums).float()
         advantages = group_advantages(rewards, rollouts.prompt_index, hp.advantage_scale,
                                       hp.advantage_eps, batch_std=batch_std)
         clock["scored"] = time.perf_counter()
@@ -328,14 +331,15 @@ class GRPOModule(pl.LightningModule):
         with self.steered_scoring(model, prompt_width, lengths):
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
                            use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # [b, T, V]
-        if self.hparams.temperature > 0:  # score under the distribution that sampled (as TRL)
-            logits = logits / self.hparams.temperature
+        # scored under the distribution that sampled (as TRL): logits / temperature, divided
+        # after the float32 upcast (a bf16 policy's logits are never divided in bf16)
+        temperature = self.hparams.temperature if self.hparams.temperature > 0 else 1.0
         targets = completions.to(self.device)
-        logp = token_log_probs(logits, targets)
+        logp = token_log_probs(logits, targets, temperature=temperature)  # float32 [b, T]
         if not with_entropy:  # old/reference passes only need log-probs
             return logp, None
         with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
+            entropy = entropy_from_logits(logits.detach(), temperature=temperature)
         return logp, entropy
 
     @contextmanager
@@ -362,25 +366,27 @@ class GRPOModule(pl.LightningModule):
         group = rollouts.prompt_index
         num_groups = int(group.max()) + 1
         self.reward_log.append(float(rewards.mean()))
-        maxima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amax",
-                                                        include_self=False)
-        minima = torch.zeros(num_groups).scatter_reduce(0, group, rewards, "amin",
-                                                        include_self=False)
+        rewards = rewards.float()  # [N]; every statistic below is float32 (`*-true` makes
+        # a half dtype the default, so each created tensor names its dtype)
+        maxima = torch.zeros(num_groups, dtype=torch.float32).scatter_reduce(
+            0, group, rewards, "amax", include_self=False)
+        minima = torch.zeros(num_groups, dtype=torch.float32).scatter_reduce(
+            0, group, rewards, "amin", include_self=False)
         metrics = {
             "train/reward": rewards.mean(),
-            "train/reward_std": rewards.std() if len(rewards) > 1 else torch.tensor(0.0),
+            "train/reward_std": rewards.std() if len(rewards) > 1 else float32(0.0),
             "train/frac_reward_zero_std": (maxima == minima).float().mean(),
             "train/completion_len_mean": rollouts.lengths.float().mean(),
             "train/truncated_ratio": (~rollouts.finished).float().mean(),
-            "train/loss": torch.tensor(update["loss"]),
-            "train/entropy": torch.tensor(update["entropy"]),
-            "train/clip_frac": torch.tensor(update["clipped"]),
-            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/loss": float32(update["loss"]),
+            "train/entropy": float32(update["entropy"]),
+            "train/clip_frac": float32(update["clipped"]),
+            "train/lr": float32(self.optimizers().param_groups[0]["lr"]),
         }
         if self.hparams.beta > 0:
-            metrics["train/kl"] = torch.tensor(update["kl"])
+            metrics["train/kl"] = float32(update["kl"])
         for name, value in (seconds or {}).items():  # this rank's wall time per phase
-            metrics[name] = torch.tensor(value)
+            metrics[name] = float32(value)
         for name, values in per_fn.items():
             metrics[f"train/rewards/{name}"] = values.mean()
         accuracy = self.hparams.accuracy_reward
@@ -403,7 +409,7 @@ class GRPOModule(pl.LightningModule):
         rewards, per_fn = self.score(batch, rollouts)
         self.last_validation = StepRecord(batch["prompt_ids"], rollouts, rewards, None)
         size = len(batch["prompt_ids"])
-        metrics = {"val/reward": rewards.mean(),
+        metrics = {"val/reward": rewards.float().mean(),
                    "val/completion_len_mean": rollouts.lengths.float().mean()}
         if hp.accuracy_reward in per_fn:
             metrics["val/accuracy"] = (per_fn[hp.accuracy_reward] >= 1.0).float().mean()
@@ -432,6 +438,11 @@ class _AdapterDisabled(torch.nn.Module):
         context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         with context:
             return model(**kwargs)
+
+
+def float32(value: float) -> torch.Tensor:
+    """A 0-dim float32 tensor: a logged number, whatever the default dtype."""
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def parse_rewards(rewards: dict[str, Any]) -> dict[str, tuple[Callable, float]]:

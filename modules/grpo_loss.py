@@ -70,7 +70,8 @@ def group_advantages(
             over every data-parallel rank (see `batch_reward_std`). Default: std of `rewards`.
 
     Returns:
-        float [N]. A group of one sample, or one whose rewards are all equal, gets exactly 0.
+        float32 [N] (float64 for float64 rewards). A group of one sample, or one whose rewards
+        are all equal, gets exactly 0.
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
@@ -85,10 +86,12 @@ def group_advantages(
         raise ValueError(f"group_index must be an integer tensor, got dtype {group_index.dtype}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    # float32 whatever the default dtype (`bf16-true` makes it bf16) and the rewards' dtype;
+    # float64 rewards stay float64
+    rewards = rewards.double() if rewards.dtype == torch.float64 else rewards.float()
     if rewards.numel() == 0:
-        return rewards.to(torch.get_default_dtype()).clone()
+        return rewards.clone()
 
-    rewards = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
     mean, std, count, constant = _group_stats(rewards, group_index.long())  # each [N]
     advantages = rewards - mean  # [N]
     if scale == "group":
@@ -96,7 +99,7 @@ def group_advantages(
     elif scale == "batch":
         if batch_std is None:
             batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-        advantages = advantages / (batch_std + eps)
+        advantages = advantages / (batch_std.to(rewards.dtype) + eps)
     degenerate = (count < 2) | constant  # [N]
     return advantages.masked_fill(degenerate, 0.0)
 
@@ -116,26 +119,37 @@ def batch_reward_std(count: Tensor, total: Tensor, total_sq: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_logits(logits: Tensor, chunk_rows: int | None) -> None:
+def _check_logits(logits: Tensor, chunk_rows: int | None, temperature: float) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def token_log_probs(logits: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
-    """log softmax(logits)[targets] in float32, without materialising the [B, T, V] log-softmax.
+def _upcast(rows: Tensor, temperature: float) -> Tensor:
+    """float32 rows of logits, divided by the temperature after the upcast."""
+    rows = rows.float()
+    return rows / temperature if temperature != 1.0 else rows
+
+
+def token_log_probs(logits: Tensor, targets: Tensor, chunk_rows: int | None = None,
+                    temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[targets] in float32, without materialising the
+    [B, T, V] log-softmax.
 
     Args:
         logits: [B, T, V], any float dtype (bf16 is upcast one chunk at a time).
         targets: long [B, T], token ids in [0, V).
         chunk_rows: process at most this many of the B*T rows at a time (None = all at once);
             bounds the float32 copy of bf16 logits to [chunk_rows, V].
+        temperature: > 0; the logits are divided by it after the float32 upcast.
 
     Returns:
         float32 [B, T].
     """
-    _check_logits(logits, chunk_rows)
+    _check_logits(logits, chunk_rows, temperature)
     if targets.shape != logits.shape[:2]:
         raise ValueError(
             f"targets must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}"
@@ -146,7 +160,7 @@ def token_log_probs(logits: Tensor, targets: Tensor, chunk_rows: int | None = No
     step = chunk_rows or max(B * T, 1)
     pieces = []
     for start in range(0, B * T, step):
-        rows = flat[start : start + step].float()  # [r, V]
+        rows = _upcast(flat[start : start + step], temperature)  # [r, V]
         picked = rows.gather(-1, flat_targets[start : start + step]).squeeze(-1)  # [r]
         pieces.append(picked - torch.logsumexp(rows, dim=-1))  # [r]
     if not pieces:
@@ -154,23 +168,26 @@ def token_log_probs(logits: Tensor, targets: Tensor, chunk_rows: int | None = No
     return torch.cat(pieces).view(B, T)
 
 
-def entropy_from_logits(logits: Tensor, chunk_rows: int | None = None) -> Tensor:
-    """Entropy of softmax(logits) per position, in float32: logsumexp(z) - sum(p * z).
+def entropy_from_logits(logits: Tensor, chunk_rows: int | None = None,
+                        temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature) per position, in float32:
+    logsumexp(z) - sum(p * z).
 
     Args:
         logits: [B, T, V].
         chunk_rows: process at most this many of the B*T rows at a time (None = all at once).
+        temperature: > 0; the logits are divided by it after the float32 upcast.
 
     Returns:
         float32 [B, T].
     """
-    _check_logits(logits, chunk_rows)
+    _check_logits(logits, chunk_rows, temperature)
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)  # [R, V]
     step = chunk_rows or max(B * T, 1)
     pieces = []
     for start in range(0, B * T, step):
-        rows = flat[start : start + step].float()  # [r, V]
+        rows = _upcast(flat[start : start + step], temperature)  # [r, V]
         probs = torch.softmax(rows, dim=-1)  # [r, V]
         pieces.append(torch.logsumexp(rows, dim=-1) - (probs * rows).sum(-1))  # [r]
     if not pieces:

@@ -171,6 +171,16 @@ def decoding_mode(model: Any) -> Any:
     return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a model's attention computes in for `tensor`'s device: autocast's where
+    autocast is on (`trainer.precision=bf16-mixed`: the model's own SDPA then runs in bf16, and
+    its keys leave RoPE in float32 while its values are bf16), else the tensor's own."""
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return tensor.dtype
+
+
 def cache_keyword(model: Any) -> str:
     """The forward's name for a KV cache argument: `cache` in recent transformers 5 releases
     (`past_key_values` is deprecated there, with a warning at every call), else

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from samplers.base import cache_keyword, output_cache
+from samplers.base import cache_keyword, compute_dtype, output_cache
 
 PROMPT_KV = ("shared", "copied")
 
@@ -89,14 +89,19 @@ def prefill(model: Any, prompt: list[int], device: torch.device,
 
     The forward gets a plain `DynamicCache`: one built from the config would keep only the
     last `sliding_window` tokens of sliding-window layers, and every decode step needs the
-    prompt's keys at their true columns (the window is applied by the decode masks)."""
+    prompt's keys at their true columns (the window is applied by the decode masks).
+    Under autocast the keys leave RoPE in float32 and the values in the autocast dtype: both
+    are kept in the dtype attention computes in (`compute_dtype`), so the slot rows, the store
+    and the decode masks have one dtype and the KV costs what the precision says."""
     length = len(prompt)
     out = model(input_ids=torch.tensor([prompt], device=device),
                 position_ids=torch.arange(length, device=device)[None], use_cache=True,
                 logits_to_keep=1, output_hidden_states=hidden,
                 **{cache_keyword(model): DynamicCache()})
     layers = output_cache(out).layers
-    return PromptKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
+    dtype = compute_dtype(layers[0].keys)
+    return PromptKV([layer.keys[0].to(dtype) for layer in layers],
+                    [layer.values[0].to(dtype) for layer in layers],
                     out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None)
 
 

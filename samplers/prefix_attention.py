@@ -30,6 +30,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from samplers.base import compute_dtype
+
 NAME = "grpo_shared_prefix"
 
 
@@ -229,7 +231,8 @@ def prefix_part(query: torch.Tensor, prefix: SharedPrefix, layer: int, scale: fl
         lse = torch.full((n, heads, queries), float("-inf"), device=query.device,
                          dtype=lse_dtype(query.dtype))
     for i, rows in prefix.groups:
-        keys, values = prefix.keys[i][layer], prefix.values[i][layer]  # [Hk, P, d]
+        keys = prefix.keys[i][layer].to(query.dtype)  # [Hk, P, d] (a no-op unless the
+        values = prefix.values[i][layer].to(query.dtype)  # store was filled in another dtype)
         kv_heads, length = keys.shape[0], keys.shape[1]
         group = heads // kv_heads
         r = rows.numel()
@@ -273,8 +276,20 @@ def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     """transformers attention-interface function: prefix + completion, merged; returns
     ([n, M, H, d], None) like the built-in ones. Without `shared_prefix` it is plain SDPA
     over (key, value) with `attention_mask`, so a forward that is not the engine's still works.
+
+    Under autocast (`bf16-mixed`) every part runs in the autocast dtype with autocast off, as
+    the model's own SDPA would: the query leaves RoPE in float32, the KV is stored in bf16,
+    and the log-sum-exps stay float32 whatever the inputs.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dtype = compute_dtype(query)
+    if torch.is_autocast_enabled(query.device.type):
+        with torch.autocast(query.device.type, enabled=False):
+            out, _ = shared_prefix_attention(
+                module, query.to(dtype), key.to(dtype), value.to(dtype),
+                None if attention_mask is None else attention_mask.to(dtype), scale, dropout,
+                shared_prefix, sliding_window, **kwargs)
+        return out, None
     if shared_prefix is None:
         kv_heads = key.shape[1]
         out = torch.nn.functional.scaled_dot_product_attention(
