@@ -43,7 +43,8 @@ class PredictorMetricsLogger(pl.Callback):
         predicted, true = record.predicted, record.true  # float [n], long [n]
         self.last = predictor_metrics(predicted, true, self.within)
         # nan (tau with n < 2 or constant inputs) is left out rather than breaking the TB curve
-        finite = {k: torch.tensor(v) for k, v in self.last.items() if math.isfinite(v)}
+        finite = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.last.items()
+                  if math.isfinite(v)}
         pl_module.log_dict(finite, on_step=True, on_epoch=False, batch_size=int(true.numel()))
         step = trainer.global_step
         if self._scattered and step % self.scatter_every_n_steps:

@@ -70,5 +70,6 @@ class SamplingStatsLogger(pl.Callback):
         if rollouts is None:
             return
         self.last = sampling_metrics(rollouts)
-        pl_module.log_dict({k: torch.tensor(v) for k, v in self.last.items()}, on_step=True,
-                           on_epoch=False, batch_size=len(rollouts))
+        pl_module.log_dict({k: torch.tensor(v, dtype=torch.float32)
+                            for k, v in self.last.items()},
+                           on_step=True, on_epoch=False, batch_size=len(rollouts))

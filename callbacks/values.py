@@ -157,7 +157,8 @@ class ValueMonitor(pl.Callback):
                    **self.neuron_activation(pl_module, batch)}
         self._log(pl_module, metrics)
         if metrics:
-            pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=True,
+            pl_module.log_dict({k: torch.tensor(v, dtype=torch.float32)
+                                for k, v in metrics.items()}, on_step=True,
                                on_epoch=False, logger=False,
                                batch_size=len(batch["prompt_ids"]))
 

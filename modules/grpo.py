@@ -162,6 +162,13 @@ class GRPOModule(pl.LightningModule):
         if self.sampler.predictor is not None and "length_predictor" in checkpoint:
             self.sampler.predictor.load_state_dict(checkpoint["length_predictor"])
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip the gradient norm here, inside `optimizer.step()`: under `16-mixed` Lightning
+        unscales the gradients just before this hook, so the clip sees true gradients (clipped
+        before the step, they would still carry the loss scale)."""
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
+                            gradient_clip_algorithm="norm")
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Tell callbacks that implement on_phase_start/on_phase_end (memory, timing)."""
@@ -280,9 +287,7 @@ class GRPOModule(pl.LightningModule):
                 sums["loss"] += float(loss.detach())
                 sums["entropy"] += float((entropy * rows_mask).sum())
                 sums["clipped"] += float((clipped & rows_mask).sum())
-            self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm,
-                                gradient_clip_algorithm="norm")
-            optimizer.step()
+            optimizer.step()  # clips in on_before_optimizer_step (after AMP's unscale)
             schedule.step()
         # Whole-batch values (each rank holds its share): summed over ranks, then normalised.
         names = list(sums)

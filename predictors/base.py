@@ -88,7 +88,7 @@ class HeadPredictor:
 
     def predict(self, batch: ProbeBatch) -> torch.Tensor:
         if check_rows(batch) == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, dtype=torch.float32)
         return self.learner.predict(self.features(batch))
 
     def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None:

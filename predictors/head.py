@@ -176,7 +176,8 @@ class HeadLearner:
         if self.module is None:
             with torch.inference_mode(False), torch.random.fork_rng():
                 torch.manual_seed(self.seed)
-                self.module = self.build(in_features).to(self.device).eval()
+                # float32 even where `trainer.precision=*-true` made a half dtype the default
+                self.module = self.build(in_features).to(self.device, torch.float32).eval()
             self.in_features = in_features
         elif in_features != self.in_features:
             raise ValueError(f"features have size {in_features}, but the head was built for "
@@ -186,7 +187,7 @@ class HeadLearner:
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """features [n, F] -> predicted remaining tokens, float [n] on CPU."""
         if features.shape[0] == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, dtype=torch.float32)
         module = self.ensure(features.shape[-1])
         module.eval()
         with torch.inference_mode():

@@ -23,7 +23,7 @@ class OraclePredictor:
 
     def predict(self, batch: ProbeBatch) -> torch.Tensor:
         if check_rows(batch) == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, dtype=torch.float32)
         if batch.true_remaining is None:
             raise ValueError("OraclePredictor needs batch.true_remaining (the sampler sets it "
                              "from a same-seed pre-pass when predictor.needs_oracle)")

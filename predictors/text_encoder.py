@@ -60,7 +60,7 @@ class TextEncoder:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).to(device).eval()
+            self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
         except OSError as err:
             raise ValueError(f"encoder_path={path!r} is not a loadable encoder folder: {err}") \
                 from err
@@ -94,7 +94,9 @@ class TextEncoder:
             rows.append(self.cache[(max_tokens, text)])
         while len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
-        return torch.stack(rows) if rows else torch.zeros(0, self.hidden_size)  # [n, H]
+        if not rows:
+            return torch.zeros(0, self.hidden_size, dtype=torch.float32)
+        return torch.stack(rows)  # [n, H]
 
 
 class EncoderHead(nn.Module):

@@ -132,6 +132,34 @@ class GradDump:
         return _Dump()
 
 
+class ClipRecorder:
+    """Lightning callback that keeps the total gradient norm of every optimizer step twice:
+    as `on_before_optimizer_step` sees it (callback hooks run before the module's, so before
+    its clip) and after the step (the gradients stay until the next step's zero_grad)."""
+
+    def __new__(cls, *args, **kwargs):
+        import lightning.pytorch as pl
+
+        def norm(module) -> float:
+            grads = [p.grad.detach().double() for p in module.policy.parameters()
+                     if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])))
+
+        class _Recorder(pl.Callback):
+            def __init__(self) -> None:
+                self.before: list[float] = []
+                self.after: list[float] = []
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+                self.before.append(norm(pl_module))
+
+            def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+                self.after.append(norm(pl_module))
+
+        return _Recorder()
+
+
 class PromptSeededSampler(SamplerBase):
     """Samples each prompt's group with a seed taken from the prompt's tokens, so that the
     rollouts of a prompt do not depend on the rank, batch or position it was sampled in (the
