@@ -24,14 +24,16 @@ from callbacks.memory import GB, PeakMemory
 def table_memory(b: Bench) -> Table:
     """Table A: each sampler at (G, m); those with slots also over the `memory_sweep` m."""
     g, m = b.cfg.group_size, b.cfg.micro_group_size
+    weights = b.weight_bytes / GB  # peak_gb is above the weights; + weights_gb = the whole
     rows = []
     for name in b.cfg.samplers:
         if not has_slots(name):
-            rows.append(b.measure(name, make_sampler(name), g, floor_gb=b.floor_gb(g)))
+            rows.append(b.measure(name, make_sampler(name), g, floor_gb=b.floor_gb(g),
+                                  weights_gb=weights))
             continue
         for slots in sorted({m, *b.cfg.memory_sweep}):
             rows.append(b.measure(name, make_sampler(name, micro_group_size=slots), g, slots,
-                                  floor_gb=b.floor_gb(slots)))
+                                  floor_gb=b.floor_gb(slots), weights_gb=weights))
     return Table(rows)
 
 

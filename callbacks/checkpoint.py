@@ -66,11 +66,14 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step % self.every == 0:
+        # the last step is saved here too, not only in on_train_end: Lightning restores its
+        # loop counters as they stand at a batch's end (after it, the logged step of a resumed
+        # run would be one ahead of the uninterrupted run's)
+        if trainer.global_step % self.every == 0 or trainer.global_step == trainer.max_steps:
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
+        self.save(trainer)  # an end by epochs or time (a step saved above is not saved again)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -308,3 +308,56 @@ def test_smollm2_shape_equals_the_shipped_gguf_config():
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     with pytest.raises(ValueError, match="policy.name_or_path='Qwen/Qwen9'.*qwen3-1.7b"):
         random_shape("Qwen/Qwen9", init_device="meta")
+
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cuda_every_precision_and_sampler(tiny_cfg, precision, sampler):
+    """On CUDA (16-mixed included: float16 autocast and a loss scaler): 2 steps, the clip
+    sees unscaled gradients (norm max_grad_norm after each step), every logged metric is
+    float32, and the weights are on the GPU in the precision's dtype."""
+    metrics, objects = train(tiny_cfg(f"trainer.precision={precision}", f"sampler={sampler}",
+                                      "trainer.accelerator=gpu", "model.max_grad_norm=0.001",
+                                      "+callbacks.clip._target_=tests.helpers.ClipRecorder",
+                                      *DIGITS))
+    assert objects["trainer"].global_step == 2
+    recorder = objects["callbacks"][-1]
+    assert min(recorder.before) > 0.001
+    assert recorder.after == pytest.approx([0.001, 0.001], rel=2e-2)
+    logged = objects["trainer"].callback_metrics
+    assert {v.dtype for v in logged.values()} == {torch.float32}
+    policy = objects["model"].policy
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {p.dtype for p in policy.parameters()} == {expected}
+    assert next(policy.parameters()).is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_float32_engine_equals_generate():
+    """On CUDA in float32 (the engine's fused CUDA kernels), both layouts and slot counts
+    decode greedily what `model.generate` decodes."""
+    from samplers.base import GenerationSpec
+    from samplers.continuous import ContinuousSampler
+    from samplers.full import FullSampler
+    from tests.helpers import tiny_lm
+    from tests.test_shared_kv import PROMPTS, completions
+
+    model = tiny_lm("qwen3", dtype=torch.float32).cuda()
+    spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,), seed=0)
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt], device="cuda")
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=12, eos_token_id=3,
+                                pad_token_id=3)[0, len(prompt):].tolist()
+        expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
+    for prompt_kv in ("shared", "copied"):
+        for sampler in (FullSampler(prompt_kv), ContinuousSampler(2, prompt_kv=prompt_kv)):
+            assert completions(sampler.sample(model, PROMPTS, 1, spec)) == expected, prompt_kv

@@ -120,3 +120,23 @@ def test_sliding_window_models_equal_generate(family, attn, prompt_kv):
     for sampler in samplers(prompt_kv):
         r = sampler.sample(model, prompts, 2, spec)
         assert completions(r) == [e for e in expected for _ in range(2)], type(sampler).__name__
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_bf16_autocast_decodes_as_generate_and_keeps_kv_in_bf16(family):
+    """`trainer.precision=bf16-mixed`: a float32 model under CPU bf16 autocast. Keys leave RoPE
+    in float32 and values in bf16; the engine keeps both in bf16 (half the KV bytes of the same
+    run without autocast) and, in both layouts, decodes greedily what `model.generate` decodes
+    under the same autocast."""
+    options = dict(sliding_window=5) if family == "mistral" else {}
+    model = tiny_lm(family, dtype=torch.float32, **options)
+    spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,), seed=0)
+    plain = FullSampler("shared").sample(model, PROMPTS, 1, spec).stats.peak_kv_bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = generate_greedy(model, PROMPTS, 12)
+        for prompt_kv in ("shared", "copied"):
+            for sampler in (FullSampler(prompt_kv), ContinuousSampler(2, prompt_kv=prompt_kv)):
+                r = sampler.sample(model, PROMPTS, 1, spec)
+                assert completions(r) == expected, (prompt_kv, type(sampler).__name__)
+        shared = FullSampler("shared").sample(model, PROMPTS, 1, spec).stats.peak_kv_bytes
+    assert shared * 2 == plain
