@@ -32,6 +32,7 @@ import argparse
 import csv
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -72,7 +73,7 @@ DRY_RUN = Sizes(shape="qwen3-tiny", group_size=4, slots=2, table_tokens=8, exper
 class Part:
     name: str
     command: list[str]
-    tables: list[Path]  # Markdown files the part writes, copied into the report
+    tables: list[Path]  # Markdown files the part writes, copied into the report as they are
     status: str = "not run"
     seconds: float = 0.0
     tail: str = ""
@@ -101,7 +102,7 @@ def parts(sizes: Sizes, out: Path) -> list[Part]:
                           "trainer.max_steps=3", f"sampler={','.join(SAMPLERS)}",
                           f"trainer.precision={','.join(PRECISIONS)}",
                           f"hydra.sweep.dir={runs}/samplers"],
-             [runs / "samplers" / "summary.md"]),
+             []),
         Part("experiment", [*train, "experiment=gsm8k_qwen3", "policy=shape",
                             f"policy.name_or_path={sizes.shape}",
                             "data.source.source=gsm_symbolic",
@@ -109,10 +110,9 @@ def parts(sizes: Sizes, out: Path) -> list[Part]:
                             f"model.group_size={sizes.group_size}",
                             f"model.max_new_tokens={sizes.experiment_tokens}",
                             f"hydra.run.dir={runs}/experiment"],
-             [out / "experiment.md"]),
+             []),
         Part("tables", bench("memory", sizes, out, "memory_sweep=[]",
-                             "samplers=[full,micro,continuous,infinite]"),
-             [out / "memory.md"]),
+                             "samplers=[full,micro,continuous,infinite]"), []),
         Part("throughput", bench("throughput", sizes, out), [out / "throughput.md"]),
         Part("decode", bench("prompt_kv", sizes, out, "prompt_kv.few_shot=[0]",
                              "prompt_kv.samplers=[]", "prompt_kv.budget_gb=null",
@@ -120,7 +120,7 @@ def parts(sizes: Sizes, out: Path) -> list[Part]:
              [out / "prompt_kv.md"]),
         Part("default", [*train, f"trainer.accelerator={sizes.accelerator}",
                          *sizes.default_run, f"hydra.run.dir={runs}/default"],
-             [out / "default.md"]),
+             []),
     ]
 
 
@@ -193,6 +193,71 @@ def commit() -> str:
     return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def number(text: str, digits: int = 3) -> str:
+    try:
+        return f"{float(text):.{digits}g}"
+    except (TypeError, ValueError):
+        return text or ""
+
+
+def override(overrides: str, key: str) -> str:
+    found = re.search(rf"(?:^|,){re.escape(key)}=([^,]+)", overrides)
+    return found.group(1) if found else "default"
+
+
+RUN_COLUMNS = ("status", "steps", "step s", "sampling s", "update s", "tokens/s",
+               "peak sampling GB", "KV peak GB")
+
+
+def sampler_matrix(out: Path) -> str:
+    """The samplers sweep as precision x sampler rows (from its summary.csv)."""
+    rows = read_csv(out / "runs" / "samplers" / "summary.csv")
+    body = [[override(r["overrides"], "trainer.precision"), override(r["overrides"], "sampler"),
+             *(number(r.get(c, "")) if c != "status" else r["status"] for c in RUN_COLUMNS)]
+            for r in rows]
+    return markdown(["precision", "sampler", *RUN_COLUMNS], body) if body else ""
+
+
+def run_table(out: Path, name: str) -> str:
+    """A train.py run's logged means (bench.report's row), the columns that matter here."""
+    rows = read_csv(out / name / "summary.csv")
+    columns = (*RUN_COLUMNS, "reward first 5", "reward last 5", "val accuracy (last)")
+    body = [[number(r.get(c, "")) if c != "status" else r["status"] for c in columns]
+            for r in rows]
+    return markdown(list(columns), body) if body else ""
+
+
+def table_a(out: Path, tokens: int) -> str:
+    """Table A with the whole peak (weights included), as the paper counts it."""
+    rows = read_csv(out / "memory.csv")
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        weights = float(r["weights_gb"])
+        body.append([r["sampler"], r["G"], r["m"], number(str(float(r["peak_gb"]) + weights)),
+                     number(r["peak_gb"]), number(r["floor_gb"]), number(r["kv_gb"]),
+                     number(r["weights_gb"]), r.get("total_steps") or r["steps"],
+                     number(r["tok_s"])])
+    header = ["sampler", "G", "m", "peak GiB with weights", "peak above weights",
+              "floor above weights", "KV GiB", "weights GiB", "decoding steps (probe incl.)",
+              "tokens/s"]
+    return (markdown(header, body) + f"\n\nOurs at {tokens} new tokens per sample, every sample"
+            " running to the cap (random weights); the paper's figures are at 1024.")
+
+
 def decode_ratio(out: Path) -> str:
     """The engine's ms per step over the bare forward loop's on the same rows (table decode)."""
     path = out / "prompt_kv.csv"
@@ -221,8 +286,15 @@ def report(results: list[Part], out: Path, sizes: Sizes, total: float) -> str:
     lines += ["", PAPER, ""]
     for part in results:
         lines += [f"## {part.name}", "", "```", "$ " + shlex.join(part.command), "```", ""]
-        if part.name == "decode" and (ratio := decode_ratio(out)):
-            lines += [ratio, ""]
+        rendered = {"samplers": lambda: sampler_matrix(out),
+                    "experiment": lambda: run_table(out, "experiment"),
+                    "default": lambda: run_table(out, "default"),
+                    "tables": lambda: table_a(out, sizes.table_tokens),
+                    "decode": lambda: decode_ratio(out)}.get(part.name, lambda: "")()
+        if part.name == "samplers" and sizes.accelerator == "cpu":
+            rendered += "\n\nOn a CPU Lightning runs 16-mixed as bf16-mixed."
+        if rendered:
+            lines += [rendered, ""]
         for table in part.tables:
             if table.is_file():
                 lines += [table.read_text(), ""]
