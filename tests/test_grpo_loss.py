@@ -113,6 +113,32 @@ def test_token_log_probs_bf16_is_float32_and_differentiable() -> None:
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
 
 
+def test_temperature_divides_after_the_float32_upcast() -> None:
+    """bf16 logits / T is rounded to bf16 before any softmax; the upcast-then-divide log-probs
+    and entropy equal a float32 computation by hand, under a bf16 default dtype too, and the
+    bf16 division would be off by far more than float32 rounding."""
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 6, 50, generator=gen) * 5).bfloat16()
+    targets = torch.randint(0, 50, (2, 6), generator=gen)
+    wide = logits.float() / 0.7
+    by_hand = torch.log_softmax(wide, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(torch.softmax(wide, -1) * torch.log_softmax(wide, -1)).sum(-1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = token_log_probs(logits, targets, chunk_rows=5, temperature=0.7)
+        got_entropy = entropy_from_logits(logits, temperature=0.7)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == got_entropy.dtype == torch.float32
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_entropy, entropy, rtol=0, atol=1e-5)
+    in_bf16 = token_log_probs(logits / 0.7, targets)
+    assert (in_bf16 - by_hand).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="temperature"):
+        token_log_probs(logits, targets, temperature=0.0)
+
+
 def test_token_log_probs_bad_shapes() -> None:
     with pytest.raises(ValueError, match="targets"):
         token_log_probs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
