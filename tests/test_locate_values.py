@@ -92,6 +92,15 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
     rows = list(csv.DictReader(open(out / "reliability.csv")))
     assert {(r["dimension"], r["contrast"]) for r in rows} == {
         (d, c) for d in DIMENSIONS for c in ("reversed", "opposite_pole")}
+    # effects.csv carries each pole-specificity difference: this pole's located - random
+    # toward it, plus the opposite pole's toward its own (its push away from this pole)
+    specific = {(r["instrument"], r["dimension"], float(r["gamma"])): float(r["effect"])
+                for r in csv.DictReader(open(out / "effects.csv"))
+                if r["arm"] == "this pole's set - opposite's"}
+    assert specific and set(specific) == set(m.specific)
+    for (name, d, g), value in specific.items():
+        expected = m.contrasts[(name, d, g)].point + m.contrasts[(name, OPPOSITE[d], g)].point
+        assert value == pytest.approx(expected, abs=1e-5)
     assert any((out / "tensorboard").iterdir())
     assert set(m.perplexity) == {f"{k}:{d}@{g}" for k in ("located", "random", "reverse")
                                  for d in DIMENSIONS for g in ("0", "1")}

@@ -239,6 +239,10 @@ def effect_rows(m: Any) -> list[dict]:
     rows += [{"instrument": i, "dimension": d, "arm": "located - random", "gamma": g,
               "effect": e.point, "low": e.low, "high": e.high,
               "perplexity_ratio": float("nan")} for (i, d, g), e in m.contrasts.items()]
+    # the verdict's pole-specificity: this pole's located - random minus the opposite's
+    rows += [{"instrument": i, "dimension": d, "arm": "this pole's set - opposite's",
+              "gamma": g, "effect": e.point, "low": e.low, "high": e.high,
+              "perplexity_ratio": float("nan")} for (i, d, g), e in m.specific.items()]
     return rows
 
 
