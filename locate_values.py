@@ -39,6 +39,7 @@ from values.experiment import (CONTRASTS, LocateSettings, arms, locate,  # noqa:
 from values.instruments import Subject  # noqa: E402
 from values.neurons import check_dimension, check_gamma, model_signature  # noqa: E402
 from values.report import write_report  # noqa: E402
+from values.verdict import VerdictRule  # noqa: E402
 from values.storage import (load_sets, load_statistics, location_key, save_sets,  # noqa: E402
                             save_statistics)
 
@@ -58,6 +59,12 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             raise ValueError(f"validate.max_perplexity={max_perplexity}: a perplexity ratio "
                              "limit is a number >= 1 (or null to measure every arm)")
         max_perplexity = float(max_perplexity)
+    v = cfg.validate
+    rule = VerdictRule(v.verdict_gamma, v.equivalence, max_perplexity, v.min_reliability,
+                       tuple(v.verdict_limits))
+    if float(rule.gamma) not in gammas:
+        raise ValueError(f"validate.verdict_gamma={rule.gamma:g} is not among steer.gamma "
+                         f"{gammas}: the verdict reads one measured gamma, fixed before the run")
     settings = LocateSettings(**{k: v for k, v in OmegaConf.to_container(cfg.locate).items()
                                  if k not in ("select", "top_k", "min_delta")})
     select = hydra.utils.instantiate(cfg.locate.select)
@@ -112,11 +119,13 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     header = (f"# Value neurons of {signature['model_type']} ({signature['layers']} layers x "
               f"{signature['d_ff']}): contrast {settings.contrast}, selection "
-              f"{type(select).__name__}, steer.scale {cfg.steer.scale}\n")
+              f"{type(select).__name__}, steer.scale {cfg.steer.scale}; verdicts read gamma "
+              f"{rule.gamma:g}, ruled out below {rule.equivalence:g} x the persona effect, "
+              f"location reliable from Spearman-Brown {rule.min_reliability:g}\n")
     metrics = write_report(out, measurement, [i.name for i in instruments], dims, gammas,
                            sets_rows, reliabilities,
                            {d: s.toward.layer_histogram(signature["layers"])
-                            for d, s in sets.items()}, header, max_perplexity)
+                            for d, s in sets.items()}, header, rule, settings.contrast)
     objects = dict(cfg=cfg, policy=policy, data=data, sampler=sampler, subject=subject,
                    sets=sets, measurement=measurement, reliability=reliabilities,
                    instruments=instruments)

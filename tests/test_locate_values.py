@@ -31,7 +31,7 @@ DENSE = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
          "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null"]
 
 QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.max_new_tokens=6",
-         "steer.gamma=[0,1]", "validate.generate_gamma=[1]", "validate.bootstrap=50",
+         "steer.gamma=[0,1]", "validate.verdict_gamma=1", "validate.bootstrap=50",
          "locate.top_k=20", "locate.null_shuffles=10", "locate.split_half_repeats=1",
          "validate.personas=1", "validate.passages=2", "locate.cache=false",
          # every instrument steered at every gamma (the gates have their own test)
@@ -71,8 +71,10 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
         assert not set(zip(control.layer.tolist(), control.index.tolist())) & \
             set(zip(located.layer.tolist(), located.index.tolist()))
     summary = (out / "summary.md").read_text()
-    for d in DIMENSIONS:  # a verdict per dimension, one of the three
-        assert re.search(rf"## {d}: (shown|refuted|not testable on this model)", summary)
+    for d in DIMENSIONS:  # a verdict per dimension, one of the five words
+        assert re.search(rf"## {d}: (shown|ruled out|inconclusive|location unreliable|"
+                         rf"not testable on this model)", summary)
+    assert "refuted" not in summary
     gate = json.loads((out / "control.json").read_text())
     names = ["dilemmas", "lettered", "statements", "questionnaire", "embedding", "pyvalues"]
     assert set(gate) == set(DIMENSIONS) and all(list(g) == names for g in gate.values())

@@ -211,29 +211,54 @@ def test_continuation_scorer_against_plain_forwards_again_and_again(family, wind
 
 
 def test_verdicts_on_synthetic_rows():
-    from values.report import InstrumentRow, verdict
+    """The three-way reading by hand: shown (beyond random and the opposite pole's set),
+    ruled out (the pole-specific interval below half the persona effect), inconclusive
+    (neither, with the smallest detectable effect = 0.714 x the interval's width); location
+    unreliable below the reliability threshold; never "refuted"."""
+    from values.verdict import InstrumentRow, VerdictRule, read, verdict
 
-    def row(control, contrast, specificity=(0.08, 0.02, 0.15), perplexity=1.2):
+    def row(control, contrast, specificity=(0.08, 0.02, 0.15), perplexity=1.2,
+            persona=(0.1, 0.05, 0.15)):
         e = Effect(*contrast)
-        return InstrumentRow("dilemmas", control, Effect(0.1, 0.05, 0.15), 4.0, e, e, e, e,
+        return InstrumentRow("dilemmas", control, Effect(*persona), 2.0, e, e, e, e,
                              perplexity, Effect(*specificity))
 
+    rule = VerdictRule(gamma=2.0, equivalence=0.5, max_perplexity=1.5, min_reliability=0.5)
     beyond = (0.1, 0.03, 0.2)
-    assert verdict("conservation", [row(True, beyond)])[0] == "shown"
-    # the opposite pole's neurons move the instrument about as much: not specific
-    kind, text = verdict("conservation", [row(True, beyond, (0.03, -0.04, 0.1))])
-    assert kind == "refuted" and "Not specific to the pole" in text
-    # the opposite pole's effect at that gamma was not measured: specificity unknown
-    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)])
-    assert kind == "refuted" and "Pole-specificity not measured" in text
-    # the opposite pole was not run at all: said, and the effect is read without that check
-    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)],
-                         measured_specificity=False)
+    assert verdict("conservation", [row(True, beyond)], rule, 0.9)[0] == "shown"
+    # the opposite pole's set moves it about as much: not specific, and +0.1 is not excluded
+    kind, text = verdict("conservation", [row(True, beyond, (0.03, -0.04, 0.1))], rule, 0.9)
+    assert kind == "inconclusive"
+    reading = read(row(True, beyond, (0.03, -0.04, 0.1)), rule, 1.5)
+    assert reading.bound == pytest.approx(0.05)  # half the persona effect 0.1
+    assert reading.detectable == pytest.approx(0.14 * 2.8 / 3.92)
+    assert f"{reading.detectable:.3f}" in text
+    # the pole-specific interval lies below half the persona effect: ruled out
+    narrow = (0.0, -0.03, 0.04)
+    assert verdict("conservation", [row(True, narrow, narrow)], rule, 0.9)[0] == "ruled out"
+    # ... but not when one of two valid instruments is inconclusive
+    rows = [row(True, narrow, narrow), row(True, narrow, (0.0, -0.1, 0.1))]
+    assert verdict("conservation", rows, rule, 0.9)[0] == "inconclusive"
+    # the opposite pole's arms were not measured: inconclusive, and said
+    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)], rule, 0.9)
+    assert kind == "inconclusive" and "pole-specificity) not measured" in text
+    # the opposite pole was not run at all: located - random is read alone, and that is said
+    kind, text = verdict("conservation", [row(True, beyond, (NAN.point,) * 3)], rule, 0.9,
+                         specificity=False)
     assert kind == "shown" and "pole-specificity is not checked" in text
-    assert verdict("conservation", [row(True, (0.0, -0.1, 0.1))])[0] == "refuted"
-    # measured only above the cost limit: shown in the table, never counted
-    kind, text = verdict("conservation", [row(True, beyond, perplexity=1.74)])
-    assert kind == "refuted" and "Above the perplexity limit" in text and "x1.74" in text
-    assert verdict("conservation", [row(True, beyond, perplexity=1.74)],
-                   max_perplexity=None)[0] == "shown"
-    assert verdict("conservation", [row(False, beyond)])[0] == "not testable on this model"
+    # above the cost limit: inconclusive at x1.5, shown at x2, both said
+    kind, text = verdict("conservation", [row(True, beyond, perplexity=1.74)],
+                         VerdictRule(limits=(1.5, 2.0)), 0.9)
+    assert kind == "inconclusive" and "x1.74 is above the limit x1.5" in text
+    assert "x2 shown" in text
+    # an unreliable location: no verdict about value neurons, whatever steering did
+    kind, text = verdict("conservation", [row(True, beyond)], rule, 0.17)
+    assert kind == "location unreliable" and "Spearman-Brown 0.17" in text and "(shown)" in text
+    kind, text = verdict("conservation", [row(True, beyond)], rule, None)
+    assert kind == "shown" and "reliability was not measured" in text
+    assert verdict("conservation", [row(False, beyond)], rule, 0.9)[0] == \
+        "not testable on this model"
+    with pytest.raises(ValueError, match="validate.equivalence"):
+        VerdictRule(equivalence=0.0)
+    with pytest.raises(ValueError, match="validate.verdict_limits"):
+        VerdictRule(limits=(0.5,))

@@ -1,14 +1,15 @@
 """Tables, verdicts and plots of a value-neuron run: Markdown + CSV tables, PNG figures.
 
     write_table(rows, out_dir / "effects")          # effects.md and effects.csv
-    verdict = verdicts(measurement, instruments, dims, gammas)
     fig = dose_figure(measurement, "dilemmas", dims, gammas)
+    write_report(out, measurement, instruments, dims, gammas, ..., rule=VerdictRule())
+
+The verdicts themselves are values/verdict.py's.
 """
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from values.effects import MAX_PERPLEXITY_RATIO, NAN, Effect  # noqa: E402
 from values.neurons import OPPOSITE  # noqa: E402
+from values.verdict import VerdictRule, instrument_row, read, verdict  # noqa: E402
 
 
 def _cell(value: Any) -> str:
@@ -42,108 +43,6 @@ def write_table(rows: list[dict[str, Any]], stem: Path, title: str = "") -> str:
     text = "\n".join(line for line in lines if line) + "\n"
     stem.with_suffix(".md").write_text(text)
     return text
-
-
-@dataclass
-class InstrumentRow:
-    """One instrument's line in a dimension's verdict table."""
-    instrument: str
-    control: bool
-    persona: Effect
-    gamma: float  # the gamma reported: the largest located-minus-random effect within budget
-    located: Effect
-    random: Effect
-    located_minus_random: Effect
-    reverse: Effect
-    perplexity_ratio: float
-    specificity: Effect = NAN  # located - random of this pole's set minus the opposite's
-
-    def cells(self) -> dict[str, Any]:
-        return {"instrument": self.instrument, "control passed": "yes" if self.control else
-                "no (uninformative)", "persona effect": str(self.persona),
-                "gamma": self.gamma, "located": str(self.located),
-                "random": str(self.random),
-                "located - random": str(self.located_minus_random),
-                "this pole's set - opposite's": str(self.specificity),
-                "reverse": str(self.reverse), "perplexity ratio": self.perplexity_ratio}
-
-
-def instrument_row(m: Any, instrument: str, dim: str, gammas: Sequence[float],
-                   max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> InstrumentRow:
-    """The row at the gamma (> 0) with the largest located-minus-random effect whose located
-    arm keeps the perplexity ratio <= max_perplexity."""
-    candidates = [g for g in gammas if g > 0 and (instrument, dim, g) in m.contrasts]
-    within = [g for g in candidates if max_perplexity is None or
-              m.perplexity.get(f"located:{dim}@{g:g}", 1.0) <= max_perplexity]
-    pick = max(within or candidates or [float("nan")],
-               key=lambda g: m.contrasts.get((instrument, dim, g), NAN).point
-               if not math.isnan(g) else 0.0)
-    return InstrumentRow(
-        instrument, m.passes(instrument, dim), m.persona.get((instrument, dim), NAN), pick,
-        m.arms.get((instrument, dim, "located", pick), NAN),
-        m.arms.get((instrument, dim, "random", pick), NAN),
-        m.contrasts.get((instrument, dim, pick), NAN),
-        m.arms.get((instrument, dim, "reverse", pick), NAN),
-        m.perplexity.get(f"located:{dim}@{pick:g}", float("nan")),
-        m.specific.get((instrument, dim, pick), NAN))
-
-
-def verdict(dim: str, rows: list[InstrumentRow], measured_specificity: bool = True,
-            max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> tuple[str, str]:
-    """(shown | refuted | not testable, one paragraph) for a dimension. A valid instrument
-    shows the value when the located set moves it toward `dim` beyond random neurons AND
-    beyond what the opposite pole's located set does (`specificity`, both beyond their random
-    sets, interval above 0): otherwise the effect is one of steering many neurons, not of the
-    pole. With `measured_specificity=False` (the opposite pole was not run) that second
-    condition is not applied and the paragraph says so. A row whose only measured gamma is
-    above `max_perplexity` (shown in the table for completeness) is never counted."""
-    valid = [r for r in rows if r.control]
-    failed = ", ".join(f"{r.instrument} {r.persona}" for r in rows if not r.control)
-    if not valid:
-        return "not testable on this model", (
-            f"No instrument passes its positive control for {dim}: a persona prompt of this "
-            f"pole does not move any of them the intended way with an interval excluding 0 "
-            f"(persona effects: {failed or 'none measured'}). Nothing is concluded.")
-    costly = [r for r in valid if max_perplexity is not None and
-              r.perplexity_ratio > max_perplexity]
-    moved = [r for r in valid if r.located_minus_random.low > 0 and r not in costly]
-    if measured_specificity:
-        unknown = [r for r in moved if math.isnan(r.specificity.point)]
-        unspecific = [r for r in moved if r not in unknown and not r.specificity.low > 0]
-    else:
-        unknown, unspecific = [], []
-    shown = [r for r in moved if r not in unknown and r not in unspecific]
-    against = [r for r in valid if r.located_minus_random.high < 0]
-    lines = "; ".join(f"{r.instrument}: located - random {r.located_minus_random} at gamma "
-                      f"{r.gamma:g} (this pole's set - the opposite's {r.specificity}, reverse "
-                      f"{r.reverse}, perplexity x{r.perplexity_ratio:.2f})" for r in valid)
-    tail = f" Instruments that fail their control (not read): {failed}." if failed else ""
-    if unspecific:
-        tail = (" Not specific to the pole: " + ", ".join(
-            f"{r.instrument} (this pole's set - the opposite's: {r.specificity})"
-            for r in unspecific) + f" move toward {dim} about as much whichever pole's neurons "
-            "are steered, so they are not counted.") + tail
-    if unknown:
-        tail = (" Pole-specificity not measured (the opposite pole's neurons were not steered at "
-                "that gamma): " + ", ".join(f"{r.instrument} at gamma {r.gamma:g}"
-                                            for r in unknown) + "; not counted.") + tail
-    if costly:
-        tail = (" Above the perplexity limit at every measured gamma (not counted): " +
-                ", ".join(f"{r.instrument} (x{r.perplexity_ratio:.2f} at gamma {r.gamma:g})"
-                          for r in costly) + ".") + tail
-    if not measured_specificity and moved:
-        tail = (" The opposite pole was not run, so pole-specificity is not checked.") + tail
-    if shown:
-        return "shown", (f"Steering the located {dim} neurons moves {len(shown)} of "
-                         f"{len(valid)} valid instrument(s) toward {dim} beyond random "
-                         f"neurons of the same per-layer count and beyond the opposite pole's "
-                         f"neurons: {lines}.{tail}")
-    against = (f" {len(against)} valid instrument(s) move the other way beyond random."
-               if against else "")
-    return "refuted", (f"With {len(valid)} valid instrument(s), the located {dim} neurons do "
-                       f"not move the instrument toward {dim} beyond random neurons and the "
-                       f"opposite pole's neurons at any gamma within the perplexity budget: "
-                       f"{lines}.{against}{tail}")
 
 
 def dose_figure(m: Any, instrument: str, dims: Sequence[str],
@@ -249,20 +148,32 @@ def effect_rows(m: Any) -> list[dict]:
 def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[str],
                  gammas: Sequence[float], sets_rows: list[dict], reliability: Sequence[Any],
                  layer_counts: dict[str, list[int]], header: str = "",
-                 max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> dict[str, float]:
+                 rule: VerdictRule = VerdictRule(),
+                 contrast: str | None = None) -> dict[str, float]:
     """summary.md (verdicts first), CSV/MD tables, PNG plots, TensorBoard, control.json;
-    returns the run's scalar metrics."""
+    returns the run's scalar metrics. The verdict gate reads the split-half reliability of
+    `contrast` (the location's) from `reliability`."""
     import json
 
     from torch.utils.tensorboard import SummaryWriter
 
+    max_perplexity = rule.max_perplexity
+    reliable = {r.dimension: r.curve[-1].spearman_brown for r in reliability
+                if r.contrast == contrast}
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
-        rows = [instrument_row(m, name, dim, gammas, max_perplexity) for name in instruments]
-        verdicts[dim] = verdict(dim, rows, OPPOSITE[dim] in dims, max_perplexity)
+        rows = [instrument_row(m, name, dim, rule.gamma) for name in instruments]
+        specificity = OPPOSITE[dim] in dims
+        verdicts[dim] = verdict(dim, rows, rule, reliable.get(dim), specificity)
         gate[dim] = {r.instrument: r.control for r in rows}
-        text = write_table([r.cells() for r in rows], out / f"verdict_{dim}",
-                           f"{dim}: {verdicts[dim][0]}")
+        cells = []
+        for r in rows:
+            reading = read(r, rule, max_perplexity, specificity) if r.control else None
+            cells.append({**r.cells(), "reading": reading.word if reading else "not read",
+                          "bound": reading.bound if reading else float("nan"),
+                          "smallest detectable": reading.detectable if reading
+                          else float("nan")})
+        text = write_table(cells, out / f"verdict_{dim}", f"{dim}: {verdicts[dim][0]}")
         tables.append(text + "\n" + verdicts[dim][1] + "\n")
         for r in rows:
             metrics[f"{r.instrument}/{dim}/persona"] = r.persona.point
