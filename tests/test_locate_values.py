@@ -75,6 +75,19 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
         assert re.search(rf"## {d}: (shown|ruled out|inconclusive|location unreliable|"
                          rf"not testable on this model)", summary)
     assert "refuted" not in summary
+    # the reliability gate, read from the run's own files: a dimension with a valid instrument
+    # whose location's Spearman-Brown (reversed contrast) is below 0.5 is "location unreliable"
+    gate_of = json.loads((out / "control.json").read_text())
+    brown = {r["dimension"]: float(r["Spearman-Brown (all prompts)"])
+             for r in csv.DictReader(open(out / "reliability.csv")) if r["contrast"] == "reversed"}
+    for d in DIMENSIONS:
+        word = re.search(rf"## {d}: ([a-z ]+)\n", summary).group(1)
+        if not any(gate_of[d].values()):
+            assert word == "not testable on this model"
+        elif brown[d] < 0.5:
+            assert word == "location unreliable"
+        else:
+            assert word in ("shown", "ruled out", "inconclusive")
     gate = json.loads((out / "control.json").read_text())
     names = ["dilemmas", "lettered", "statements", "questionnaire", "embedding", "pyvalues"]
     assert set(gate) == set(DIMENSIONS) and all(list(g) == names for g in gate.values())
