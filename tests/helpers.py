@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
 
 from modules.parallel import full_tensor
-from samplers.base import SamplerBase
+from samplers.base import SamplerBase, cache_keyword, output_cache
 
 
 def char_fraction_reward(completions: list[str], chars: str = "0123456789",
@@ -41,6 +41,12 @@ def tiny_lm(family: str = "llama", vocab_size: int = 48, attn: str = "sdpa",
     config._attn_implementation = attn
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def past(model: Any, out: Any) -> dict[str, Any]:
+    """The keyword argument that feeds `out`'s KV cache to the next forward of `model`
+    (`cache` where transformers has it; `past_key_values` is deprecated there)."""
+    return {cache_keyword(model): output_cache(out)}
 
 
 class ScriptedLM(torch.nn.Module):

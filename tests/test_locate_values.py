@@ -19,6 +19,7 @@ from omegaconf import open_dict
 
 from locate_values import locate_values
 from tests.conftest import CONFIGS, ROOT
+from tests.helpers import past
 from train import train
 from values.data import AXES, AXIS_OF, load_value_data
 from values.experiment import arms, measure
@@ -346,7 +347,7 @@ def test_steered_policy_samples_and_scores_under_the_same_steering(tiny_cfg, tin
             expected = []
             for k, token in enumerate(tokens):
                 expected.append(float(torch.log_softmax(res.logits[0, -1].double(), -1)[token]))
-                res = model(input_ids=torch.tensor([[token]]), past_key_values=res.past_key_values,
+                res = model(input_ids=torch.tensor([[token]]), **past(model, res),
                             position_ids=torch.tensor([[len(prompt) + k]]), use_cache=True)
             torch.testing.assert_close(logp[r, : len(tokens)].double(),
                                        torch.tensor(expected, dtype=torch.float64),

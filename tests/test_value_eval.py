@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from tests.helpers import tiny_lm
+from tests.helpers import past, tiny_lm
 from values.data import AXIS_OF, load_value_data
 from values.judges import TextValueScorer
 from values.likelihood import perplexity
@@ -173,7 +173,7 @@ def test_perplexity_by_hand_and_steered_everywhere():
             out = model(input_ids=torch.tensor([t[:1]]), use_cache=True)
             nll = [-float(torch.log_softmax(out.logits[0, -1], -1)[t[1]])]
             for k in range(1, len(t) - 1):
-                out = model(input_ids=torch.tensor([[t[k]]]), past_key_values=out.past_key_values,
+                out = model(input_ids=torch.tensor([[t[k]]]), **past(model, out),
                             position_ids=torch.tensor([[k]]), use_cache=True)
                 nll.append(-float(torch.log_softmax(out.logits[0, -1], -1)[t[k + 1]]))
     assert perplexity(model, texts) != pytest.approx(steered)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modules.policy import tiny
+from tests.helpers import past
 from values.data import AXES, load_value_data
 from values.effects import NAN, Effect, bootstrap_effect, control_passes, mean_effect
 from values.instruments import DilemmaMargin, LetteredChoice, Questionnaire, \
@@ -53,7 +54,7 @@ def stepwise_logprob(model, context, answer) -> float:
         total = 0.0
         for k, token in enumerate(answer):
             total += float(torch.log_softmax(out.logits[0, -1].double(), -1)[token])
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+            out = model(input_ids=torch.tensor([[token]]), **past(model, out),
                         position_ids=torch.tensor([[len(context) + k]]), use_cache=True)
     return total / len(answer)
 

@@ -12,7 +12,7 @@ from tests.helpers import tiny_lm
 from values.neurons import (ActivationStats, ValueNeurons, activation_probability,
                                    gated_mlps, model_signature, random_control,
                                    record_activations, select_lape, select_neurons, steer)
-from samplers.base import GenerationSpec
+from samplers.base import GenerationSpec, cache_keyword, output_cache
 from samplers.full import FullSampler
 from samplers.infinite import InfiniteSampler
 from predictors import HistoryPredictor
@@ -213,11 +213,12 @@ def test_steering_every_row_of_a_one_token_forward():
     target = neuron_set(model, [(0, 5)])
     ids = torch.randint(0, 48, (3, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids[:, :5], use_cache=True))
     step = dict(input_ids=ids[:, 5:], position_ids=torch.full((3, 1), 5))
-    plain = down_inputs(model, past_key_values=_copy(cache), **step)
+    plain = down_inputs(model, **{cache_keyword(model): _copy(cache)}, **step)
     with steer(model, target, 1.0, fraction=1.0):
-        steered = down_inputs(model, past_key_values=_copy(cache), **step)
+        steered = down_inputs(model, **{cache_keyword(model): _copy(cache)},
+                               **step)
     diff = (steered - plain)[:, 0]  # [3, 64]
     others = [n for n in range(64) if n != 5]
     assert (diff[:, 5].abs() > 0).all() and diff[:, others].abs().max() == 0
