@@ -109,6 +109,8 @@ def parts(sizes: Sizes, out: Path) -> list[Part]:
                             f"trainer.accelerator={sizes.accelerator}", "trainer.max_steps=2",
                             f"model.group_size={sizes.group_size}",
                             f"model.max_new_tokens={sizes.experiment_tokens}",
+                            # memory, not a resumable run: no ~10 GB weights + AdamW checkpoint
+                            "callbacks.model_checkpoint=null",
                             f"hydra.run.dir={runs}/experiment"],
              []),
         Part("tables", bench("memory", sizes, out, "memory_sweep=[]",

