@@ -1,7 +1,7 @@
 """Value data for locating and validating value neurons (DESIGN.md section 9), with its loader.
 
 Written for this project and shipped beside this file (no questionnaire or data-set text is
-copied from elsewhere), loaded offline with `datasets`:
+copied from elsewhere), read as plain JSON lines:
 
 - `descriptions.jsonl`: first-person statements per pole (`pole`, `value`, `split`, `text`,
   `reversed`: the same statement negated). `split: locate` statements make location prompts;
@@ -43,18 +43,19 @@ def toward(dimension: str) -> int:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file through `datasets` (offline; the Arrow cache stays in memory)."""
-    import datasets
-
+    """Rows of a JSONL file, every row with every key seen in the file (None where absent)."""
     if not path.exists():
         raise FileNotFoundError(f"value data file {path} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"value data file {path} is empty")
-    datasets.disable_progress_bars()
     try:
-        rows = datasets.Dataset.from_json(str(path), keep_in_memory=True).to_list()
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not all(isinstance(row, dict) for row in rows):
+            raise ValueError("a line is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:  # any unreadable file is the same user error
         raise ValueError(f"value data file {path} is not JSON lines: {err}") from err
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    rows = [{key: row.get(key) for key in keys} for row in rows]
     if not rows:
         raise ValueError(f"value data file {path} has no rows")
     return rows
