@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not all(isinstance(row, dict) for row in rows):
             raise ValueError("a line is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as err:  # any unreadable file is the same user error
+    except (OSError, ValueError) as err:  # any unreadable file (a directory too) is the same error
         raise ValueError(f"value data file {path} is not JSON lines: {err}") from err
     keys = list(dict.fromkeys(key for row in rows for key in row))
     rows = [{key: row.get(key) for key in keys} for row in rows]
