@@ -33,11 +33,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from values.data import load_value_data  # noqa: E402
-from values.experiment import (CONTRASTS, LocateSettings, arms, locate,  # noqa: E402
-                               location_prompts, location_statistics, measure, neuron_sets,
-                               nulls_for, reliability)
+from values.experiment import (CONTRASTS, LocateSettings, arms,  # noqa: E402
+                               choose_sources, locate, location_prompts, location_statistics,
+                               measure, neuron_sets, nulls_for, reliability,
+                               teacher_forced_statistics)
 from values.instruments import Subject  # noqa: E402
-from values.neurons import check_dimension, check_gamma, model_signature  # noqa: E402
+from values.neurons import OPPOSITE, check_dimension, check_gamma, model_signature  # noqa: E402
 from values.report import write_report  # noqa: E402
 from values.verdict import VerdictRule  # noqa: E402
 from values.storage import (load_sets, load_statistics, location_key, save_sets,  # noqa: E402
@@ -78,41 +79,73 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     sampler = hydra.utils.instantiate(cfg.sampler)
     subject = Subject(policy, sampler, data, cfg.seed, cfg.validate.max_new_tokens)
 
-    reliabilities = []
+    reliabilities, prob = [], None
     if cfg.neurons:  # saved sets: skip location
         located = load_sets(cfg.neurons, dims, model)
     else:
         sources = settings.sources(dims)
-        if cfg.statistics:
-            stats = load_statistics(cfg.statistics, signature, sources)
-        else:
-            cached = cache_path(cfg, subject, settings, sources) if settings.cache else None
-            stats = cached_statistics(cached, signature, sources)
-            if stats is None:
-                stats = location_statistics(subject, settings, sources, log.info)
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    save_statistics(stats, signature, cached, responses=False)
-        save_statistics(stats, signature, out / "pole_statistics.pt")
-        contrasts = [c for c in CONTRASTS if all(CONTRASTS[c](d) in stats for d in dims)]
-        pairs = [(a, b) for c in contrasts for d in dims for a, b in
-                 ((d, CONTRASTS[c](d)), (CONTRASTS[c](d), d))]
-        nulls = nulls_for(stats, pairs, settings.null_shuffles, cfg.seed)
-        located = locate(stats, select, dims, settings.negative, nulls,
-                         {"model": signature, "contrast": settings.contrast})
-        for contrast in contrasts:
-            for d in dims:
-                neg = CONTRASTS[contrast](d)
-                chosen = located[d][0] if contrast == settings.contrast else \
-                    select(stats, d, neg, nulls[(d, neg)])
-                reliabilities.append(reliability(
-                    stats, d, neg, contrast, chosen, cfg.locate.top_k, nulls[(d, neg)],
-                    settings.split_half_repeats, cfg.seed))
-    sets = neuron_sets(located, signature["d_ff"], cfg.seed)
+        by_source = {}
+        if "generated" in settings.location_sources:
+            if cfg.statistics:
+                by_source["generated"] = load_statistics(cfg.statistics, signature, sources)
+            else:
+                cached = cache_path(cfg, subject, settings, sources) if settings.cache else None
+                stats = cached_statistics(cached, signature, sources)
+                if stats is None:
+                    stats = location_statistics(subject, settings, sources, log.info)
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        save_statistics(stats, signature, cached, responses=False)
+                by_source["generated"] = stats
+            save_statistics(by_source["generated"], signature, out / "pole_statistics.pt")
+        if "teacher_forced" in settings.location_sources:
+            both = list(dict.fromkeys([*sources, *(OPPOSITE[d] for d in dims)]))
+            by_source["teacher_forced"] = teacher_forced_statistics(subject, both, log.info)
+            save_statistics(by_source["teacher_forced"], signature,
+                            out / "pole_statistics_teacher_forced.pt", responses=False)
+        candidates = {}
+        for source, stats in by_source.items():
+            contrasts = [c for c in CONTRASTS if all(CONTRASTS[c](d) in stats for d in dims)]
+            pairs = [(a, b) for c in contrasts for d in dims for a, b in
+                     ((d, CONTRASTS[c](d)), (CONTRASTS[c](d), d))]
+            nulls = nulls_for(stats, pairs, settings.null_shuffles, cfg.seed)
+            candidates[source] = locate(stats, select, dims, settings.negative, nulls,
+                                        {"model": signature, "contrast": settings.contrast,
+                                         "source": source})
+            for contrast in contrasts:
+                for d in dims:
+                    neg = CONTRASTS[contrast](d)
+                    chosen = candidates[source][d][0] if contrast == settings.contrast else \
+                        select(stats, d, neg, nulls[(d, neg)])
+                    reliabilities.append(reliability(
+                        stats, d, neg, contrast, chosen, cfg.locate.top_k, nulls[(d, neg)],
+                        settings.split_half_repeats, cfg.seed, source))
+        # before anything is steered: each dimension's set from its more reliable source
+        chosen_source = choose_sources(reliabilities, dims, settings.contrast)
+        for d, source in chosen_source.items():
+            log.info(f"location of {d}: source {source} (Spearman-Brown " + ", ".join(
+                f"{r.source} {r.spearman_brown:.2f}" for r in reliabilities
+                if r.dimension == d and r.contrast == settings.contrast) + ")")
+        located = {d: candidates[chosen_source[d]][d] for d in dims}
+        # the random null's matching: each neuron's activation probability over the
+        # dimension's location data (its pole and its negative, in the chosen source)
+        prob = {d: (by_source[chosen_source[d]][d].summary.prob
+                    + by_source[chosen_source[d]][settings.negative(d)].summary.prob) / 2
+                for d in dims}
+    personas = cfg.validate.personas
+    if personas is not None and (isinstance(personas, bool) or not isinstance(personas, int)
+                                 or personas < 1):
+        raise ValueError(f"validate.personas must be an integer >= 1 or null (every wording), "
+                         f"got {personas!r}")
+    draws = cfg.validate.random_sets
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"validate.random_sets must be an integer >= 1, got {draws!r}")
+    sets = neuron_sets(located, signature["d_ff"], cfg.seed, draws, prob)
     sets_rows = save_sets(sets, out, signature["layers"])
 
-    all_arms = arms(sets, gammas, cfg.steer.fraction, cfg.steer.seed, cfg.steer.scale)
-    measurement = measure(subject, instruments, dims, all_arms, cfg.validate.personas,
+    all_arms = arms(sets, gammas, cfg.steer.fraction, cfg.steer.seed, cfg.steer.scale,
+                    null_gamma=float(rule.gamma))
+    measurement = measure(subject, instruments, dims, all_arms, personas,
                           [float(g) for g in cfg.validate.generate_gamma],
                           cfg.validate.bootstrap, cfg.validate.passages, log.info,
                           cfg.validate.controls_first, max_perplexity)

@@ -175,7 +175,15 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
     output_dir = Path(cfg.paths.output_dir)
     text = OmegaConf.to_yaml(cfg, resolve=True)
     log.info("config:\n%s", text, extra={"file_only": True})
-    (output_dir / "config_tree.yaml").write_text(text)
+    try:  # paths.output_dir may be set to a folder Hydra did not make
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config_tree.yaml").write_text(text)
+    except OSError as err:
+        print(f"\nerror: paths.output_dir={str(output_dir)!r} cannot be written: "
+              f"{err.strerror or err}", file=sys.stderr, flush=True)
+        if multirun():
+            return None
+        raise SystemExit(1) from None
     log.info(what_runs(cfg))
     try:
         return run(cfg)

@@ -21,7 +21,7 @@ from locate_values import locate_values
 from tests.conftest import CONFIGS, ROOT
 from tests.helpers import past
 from train import train
-from values.data import AXES, AXIS_OF, load_value_data
+from values.data import AXES, AXIS_OF, NEUTRAL, load_value_data
 from values.experiment import arms, measure
 from values.instruments import DilemmaMargin, Subject
 from values.neurons import DIMENSIONS, OPPOSITE, ValueNeurons, model_signature, steer
@@ -35,6 +35,7 @@ QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.m
          "steer.gamma=[0,1]", "validate.verdict_gamma=1", "validate.bootstrap=50",
          "locate.top_k=20", "locate.null_shuffles=10", "locate.split_half_repeats=1",
          "validate.personas=1", "validate.passages=2", "locate.cache=false",
+         "validate.random_sets=3", "instruments=all",
          # every instrument steered at every gamma (the gates have their own test)
          "validate.controls_first=false", "validate.max_perplexity=null"]
 
@@ -80,7 +81,9 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
     # whose location's Spearman-Brown (reversed contrast) is below 0.5 is "location unreliable"
     gate_of = json.loads((out / "control.json").read_text())
     brown = {r["dimension"]: float(r["Spearman-Brown (all prompts)"])
-             for r in csv.DictReader(open(out / "reliability.csv")) if r["contrast"] == "reversed"}
+             for r in csv.DictReader(open(out / "reliability.csv"))
+             if r["located from it"] == "yes"}
+    assert len(brown) == len(DIMENSIONS)
     for d in DIMENSIONS:
         word = re.search(rf"## {d}: ([a-z ]+)\n", summary).group(1)
         if not any(gate_of[d].values()):
@@ -90,7 +93,7 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
         else:
             assert word in ("shown", "ruled out", "inconclusive")
     gate = json.loads((out / "control.json").read_text())
-    names = ["dilemmas", "lettered", "statements", "questionnaire", "embedding", "pyvalues"]
+    names = ["dilemmas", "statements", "questionnaire", "lettered", "embedding", "pyvalues"]
     assert set(gate) == set(DIMENSIONS) and all(list(g) == names for g in gate.values())
     m = objects["measurement"]
     for name in names:
@@ -104,10 +107,26 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
     for name in ("neurons", "reliability", "reliability_curve", "effects", "perplexity",
                  "verdict_conservation"):
         assert (out / f"{name}.md").exists() and (out / f"{name}.csv").exists()
-    # both contrasts get a reliability row per dimension (the reversed run has both poles)
+    # both contrasts and both sources get a reliability row per dimension (the reversed run
+    # has both poles); each dimension's set comes from its more reliable reversed source
     rows = list(csv.DictReader(open(out / "reliability.csv")))
-    assert {(r["dimension"], r["contrast"]) for r in rows} == {
-        (d, c) for d in DIMENSIONS for c in ("reversed", "opposite_pole")}
+    assert {(r["dimension"], r["contrast"], r["source"]) for r in rows} == {
+        (d, c, s) for d in DIMENSIONS for c in ("reversed", "opposite_pole")
+        for s in ("generated", "teacher_forced")}
+    for d in DIMENSIONS:
+        mine = {r["source"]: float(r["Spearman-Brown (all prompts)"]) for r in rows
+                if r["dimension"] == d and r["contrast"] == "reversed"}
+        chosen = [r["source"] for r in rows if r["dimension"] == d and r["located from it"]]
+        assert chosen == [max(mine, key=mine.get)]
+        assert ValueNeurons.load(out / f"neurons_{d}.json", model).meta["source"] == chosen[0]
+    # the null: 3 random sets per arm at the verdict gamma, its quantile in effects.csv
+    sets = objects["sets"]
+    assert all(len(s.random_toward) == 3 for s in sets.values())
+    quantiles = [r for r in csv.DictReader(open(out / "effects.csv"))
+                 if r["arm"] == "located - random" and float(r["gamma"]) == 1.0]
+    assert quantiles and all(r["random sets"] == "3" for r in quantiles)
+    assert set(m.quantiles) == set(m.contrasts)  # 3 sets at the verdict gamma, else 1
+    assert all(n == (3 if g == 1.0 else 1) for (_, _, g), (_, n) in m.quantiles.items())
     # effects.csv carries each pole-specificity difference: this pole's located - random
     # toward it, plus the opposite pole's toward its own (its push away from this pole)
     specific = {(r["instrument"], r["dimension"], float(r["gamma"])): float(r["effect"])
@@ -181,7 +200,7 @@ class PlantedControl:
     name, generates = "planted", False
 
     def __init__(self, data, passing_axis: str, failing_pole: str | None = None) -> None:
-        self.pole_of = {p: d for d in DIMENSIONS for p in data.personas(d)}
+        self.pole_of = {p: d for d in (*DIMENSIONS, NEUTRAL) for p in data.personas(d)}
         self.passing_axis, self.failing_pole, self.steered = passing_axis, failing_pole, []
 
     def signs(self, subject, axis):
@@ -191,10 +210,11 @@ class PlantedControl:
         if settings is not None:  # each set moves every unit toward its own pole
             self.steered.append(settings.name)
             kind, dim = settings.name.split("@")[0].split(":")
+            kind = kind.rstrip("0123456789")  # random<draw>: one set of the null
             toward_own = 1.0 if dim == AXES[axis][0] else -1.0
             amount = {"located": 0.3, "random": 0.1, "reverse": -0.2}[kind]
             return torch.full((6,), toward_own * amount, dtype=torch.float64)
-        if persona is None:
+        if persona is None or self.pole_of[persona] == NEUTRAL:
             return torch.zeros(6, dtype=torch.float64)
         if self.pole_of[persona] == self.failing_pole:  # no move: its control fails
             return torch.linspace(-0.1, 0.1, 6, dtype=torch.float64)

@@ -115,19 +115,22 @@ def test_steering_covers_every_answer_position(subject):
 
 
 def test_lettered_choice_is_counterbalanced_and_scored_by_hand(subject):
+    """Each dilemma in both orders: the unit is the mean over the orders of log p(the first
+    pole's letter) - log p(the other), so a constant preference for "A" cancels."""
     model, prompts = subject.model, subject.prompts
     dilemmas = subject.data.dilemmas(AXIS)
     got = LetteredChoice(batch_size=3).score(subject, AXIS, None, None)
+    assert got.shape == (len(dilemmas),)
     letter = {x: prompts.continuation(x) for x in "AB"}
     for k, (q, a) in enumerate(dilemmas):
-        first_is = "A" if k % 2 == 0 else "B"
-        pair = (a[FIRST], a[SECOND]) if first_is == "A" else (a[SECOND], a[FIRST])
-        context = prompts.lettered(q, *pair)
-        text = subject.tokenizer.decode(context)
-        assert f"{first_is}) {a[FIRST]}" in text
-        expected = answer_logprob(model, context, letter[first_is]) - \
-            answer_logprob(model, context, letter["B" if first_is == "A" else "A"])
-        assert float(got[k]) == pytest.approx(expected, abs=1e-5)
+        margins = []
+        for first_is, pair in (("A", (a[FIRST], a[SECOND])), ("B", (a[SECOND], a[FIRST]))):
+            context = prompts.lettered(q, *pair)
+            assert f"{first_is}) {a[FIRST]}" in subject.tokenizer.decode(context)
+            other = "B" if first_is == "A" else "A"
+            margins.append(answer_logprob(model, context, letter[first_is]) -
+                           answer_logprob(model, context, letter[other]))
+        assert float(got[k]) == pytest.approx(sum(margins) / 2, abs=1e-5)
 
 
 def test_questionnaire_and_statement_units_carry_their_pole(subject):

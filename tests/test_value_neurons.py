@@ -114,18 +114,23 @@ def test_percentile_and_reduction_of_the_statistics():
 
 
 def test_select_neurons_by_hand():
+    """The authors' rule with the per-layer cap lifted (tests/test_value_location.py has the
+    cap)."""
     p_pos = torch.tensor([[0.9, 0.5, 0.3], [0.6, 0.1, 0.8]])
     p_neg = torch.tensor([[0.2, 0.4, 0.6], [0.5, 0.1, 0.1]])
     scale = torch.arange(6.0).view(2, 3)
     # deltas: 0.7, 0.1, -0.3 / 0.1, 0.0, 0.7 -> top 1 (0,0 ties 1,2: both >= min_delta)
-    n = select_neurons(p_pos, p_neg, top_k=1, min_delta=0.5, scale=scale)
+    n = select_neurons(p_pos, p_neg, top_k=1, min_delta=0.5, scale=scale,
+                       max_layer_fraction=1.0)
     assert n.layer.tolist() == [0, 1] and n.index.tolist() == [0, 2]
     assert n.scale.tolist() == [0.0, 5.0]
-    n = select_neurons(p_pos, p_neg, top_k=4, min_delta=9.0)
+    n = select_neurons(p_pos, p_neg, top_k=4, min_delta=9.0, max_layer_fraction=1.0)
     assert len(n) == 4 and n.delta.tolist() == pytest.approx([0.7, 0.7, 0.1, 0.1])
     # zero and negative deltas are never selected, whatever top_k
-    assert len(select_neurons(p_pos, p_neg, top_k=6, min_delta=9.0)) == 4
-    assert len(select_neurons(p_neg, p_neg, top_k=3, min_delta=0.0)) == 0
+    assert len(select_neurons(p_pos, p_neg, top_k=6, min_delta=9.0,
+                              max_layer_fraction=1.0)) == 4
+    assert len(select_neurons(p_neg, p_neg, top_k=3, min_delta=0.0,
+                              max_layer_fraction=1.0)) == 0
 
 
 def test_lape_picks_the_pole_specific_neuron():

@@ -74,6 +74,44 @@ def bootstrap_effect(diff: torch.Tensor, signs: torch.Tensor, boot: int = 1000,
     return Effect(mean_effect(diff, signs), float(low), float(high))
 
 
+def null_effect(terms: list[tuple[float, torch.Tensor, torch.Tensor]], signs: torch.Tensor,
+                boot: int = 1000, seed: int = 0) -> Effect:
+    """The effect of sum_k w_k * (located_k - the mean of random_k over its sets), for terms
+    (w_k, located_k [n], random_k [R_k, n]) of score changes on the same units. The interval
+    resamples the units (within sign, the same units for every term: paired) and, in each
+    term, its random sets (with replacement): the null's spread enters the interval."""
+    if boot < 1:
+        raise ValueError(f"validate.bootstrap must be >= 1, got {boot}")
+    gen = torch.Generator().manual_seed(seed)
+    point = torch.zeros(len(signs), dtype=torch.float64)
+    drawn = torch.zeros(boot, len(signs), dtype=torch.float64)  # [boot, n] per resampled nulls
+    for weight, located, randoms in terms:
+        located, randoms = located.double(), randoms.double()
+        if randoms.dim() != 2 or randoms.shape[1] != len(signs) or located.shape != signs.shape:
+            raise ValueError(f"null_effect: located {tuple(located.shape)} and random sets "
+                             f"{tuple(randoms.shape)} do not match {len(signs)} units")
+        point += weight * (located - randoms.mean(0))
+        picks = torch.randint(len(randoms), (boot, len(randoms)), generator=gen)
+        drawn += weight * (located - randoms[picks].mean(1))
+    draws = torch.zeros(boot, dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        rows = (signs == sign).nonzero().flatten()
+        if len(rows):
+            picks = rows[torch.randint(len(rows), (boot, len(rows)), generator=gen)]
+            draws += sign * drawn.gather(1, picks).mean(-1)
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return Effect(mean_effect(point, signs), float(low), float(high))
+
+
+def null_quantile(located: float, randoms: list[float]) -> float:
+    """The fraction of the random sets' effects below the located set's (ties count half):
+    1.0 when the located set beats every random set."""
+    if not randoms:
+        return float("nan")
+    below = sum(1.0 if r < located else 0.5 if r == located else 0.0 for r in randoms)
+    return below / len(randoms)
+
+
 def control_passes(persona: Effect) -> bool:
     """An instrument counts for a dimension only where the persona of that dimension moves it
     the intended way (positive, seen toward the dimension) with a 95% interval above 0."""

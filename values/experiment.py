@@ -4,10 +4,13 @@
 1. `location_statistics`: greedy responses to location prompts (a location statement of a
    source, or its negation, + a location question), their activation statistics per source,
    pooled and per prompt. A source is a pole or "<pole>_reversed".
+   `teacher_forced_statistics`: the same statistics over the location statements themselves
+   (teacher-forced, one unit per statement: no sampling noise).
 2. `locate`: per dimension the set toward it (delta > 0 against its negative source) and the
    set away from it (the negative source against the pole); `neuron_sets` adds random
    controls with the same count per layer.
-3. `reliability`: permutation null and split-half reliability of delta, per contrast.
+3. `reliability`: permutation null and split-half reliability of delta, per contrast and
+   source; `choose_sources` takes the more reliable source per dimension, before any steering.
 4. `measure`: every instrument under base, persona, located, random and reverse arms at each
    gamma, and the perplexity cost.
 
@@ -23,8 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from values.data import AXES, AXIS_OF, toward
-from values.effects import MAX_PERPLEXITY_RATIO, Effect, bootstrap_effect, control_passes
+from values.data import AXES, AXIS_OF, NEUTRAL, toward
+from values.effects import MAX_PERPLEXITY_RATIO, Effect, bootstrap_effect, control_passes, \
+    mean_effect, null_effect, null_quantile
 from values.instruments import Instrument, Subject
 from values.likelihood import perplexity
 from values.neurons import OPPOSITE, SteerSettings, ValueNeurons, random_control
@@ -34,6 +38,9 @@ from values.statistics import ActivationStats, ActivationSummary, PromptCounts, 
     record_activations, record_decoding
 
 CONTRASTS = {"reversed": lambda pole: f"{pole}_reversed", "opposite_pole": OPPOSITE.get}
+# Where the location's activations come from: greedy answers the model generates to location
+# prompts (the authors' source), or the location statements themselves, teacher-forced.
+SOURCES = ("generated", "teacher_forced")
 
 
 @dataclass
@@ -45,10 +52,15 @@ class LocateSettings:
     null_shuffles: int = 200
     split_half_repeats: int = 3
     cache: bool = True  # reuse location statistics from paths.cache_dir (values/storage.py)
+    source: str = "auto"  # generated | teacher_forced | auto (both; each dimension takes the
+    #                       one whose location is the more reliable)
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, bool):
             raise ValueError(f"locate.cache must be true or false, got {self.cache!r}")
+        if self.source not in (*SOURCES, "auto"):
+            raise ValueError(f"locate.source must be one of {', '.join(SOURCES)} or auto, got "
+                             f"{self.source!r}")
         if self.contrast not in CONTRASTS:
             raise ValueError(f"locate.contrast must be one of {', '.join(CONTRASTS)}, got "
                              f"{self.contrast!r}")
@@ -62,6 +74,11 @@ class LocateSettings:
 
     def negative(self, pole: str) -> str:
         return CONTRASTS[self.contrast](pole)
+
+    @property
+    def location_sources(self) -> tuple[str, ...]:
+        """The location sources gathered: one, or both with `auto`."""
+        return SOURCES if self.source == "auto" else (self.source,)
 
     def sources(self, poles: list[str]) -> list[str]:
         """Every response set that location needs: the poles and their negatives (with all
@@ -140,23 +157,67 @@ def location_statistics(subject: Subject, settings: LocateSettings, sources: lis
     return out
 
 
+def teacher_forced_rows(subject: Subject, source: str) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) per location statement of `source`: the statement (or, for
+    "<pole>_reversed", its negation) as the model's own answer to the self-description
+    question, as the statement instrument reads its held-out statements."""
+    pole, reversed_ = source.removesuffix("_reversed"), source.endswith("_reversed")
+    context = subject.prompts.self_description()
+    return [(context, subject.prompts.continuation(text))
+            for text in subject.data.statements(pole, "locate", reversed_)]
+
+
+def teacher_forced_statistics(subject: Subject, sources: list[str],
+                              log: Callable[[str], None] = print) -> dict[str, SourceStats]:
+    """Each source's activation statistics over the tokens of its location statements, fed
+    whole (teacher-forced): no sampled answer, so no sampling noise; one unit per statement
+    (a pole and its negation pair up statement by statement)."""
+    out = {}
+    for source in sources:
+        rows = teacher_forced_rows(subject, source)
+        width = max(len(c) + len(t) for c, t in rows)
+        ids = torch.full((len(rows), width), subject.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for r, (context, text) in enumerate(rows):
+            ids[r, : len(context) + len(text)] = torch.tensor(context + text)
+            mask[r, len(context): len(context) + len(text)] = True
+        stats = ActivationStats.for_model(subject.model)
+        counts = PromptCounts.for_model(subject.model)
+        response_statistics(subject.model, ids, mask, stats, counts=counts)
+        pole, reversed_ = source.removesuffix("_reversed"), source.endswith("_reversed")
+        out[source] = SourceStats(stats.compute(), counts,
+                                  subject.data.statements(pole, "locate", reversed_))
+        log(f"source {source} (teacher-forced): {len(rows)} statements, "
+            f"{out[source].summary.tokens} tokens")
+    return out
+
+
 @dataclass
 class DimensionSets:
     toward: ValueNeurons  # pushed to steer toward the dimension
     away: ValueNeurons  # clamped then (and pushed by the reverse arm)
-    random_toward: ValueNeurons
-    random_away: ValueNeurons
+    random_toward: list[ValueNeurons]  # the random null: matched sets, draw 0 first
+    random_away: list[ValueNeurons]
 
 
 def neuron_sets(located: dict[str, tuple[ValueNeurons, ValueNeurons]], d_ff: int,
-                seed: int) -> dict[str, DimensionSets]:
-    """Random controls (same count per layer, avoiding the located neurons) for each
-    dimension's (toward, away) pair."""
+                seed: int, draws: int = 1,
+                prob: dict[str, torch.Tensor] | None = None) -> dict[str, DimensionSets]:
+    """`draws` random controls for each dimension's (toward, away) pair: the same count per
+    layer (and, with `prob`, per dimension [layers, d_ff], the same activation-probability
+    decile per neuron), avoiding the located neurons; each draw's away set also avoids its
+    toward set."""
     out = {}
     for k, (dim, (up, down)) in enumerate(located.items()):
-        rand_up = random_control(up, d_ff, seed + 2 * k, exclude=[down])
-        rand_down = random_control(down, d_ff, seed + 2 * k + 1, exclude=[up, rand_up])
-        out[dim] = DimensionSets(up, down, rand_up, rand_down)
+        ups, downs = [], []
+        for draw in range(draws):
+            base = seed + 2 * k + 1000 * draw
+            matched = None if prob is None else prob[dim]
+            rand_up = random_control(up, d_ff, base, exclude=[down], prob=matched)
+            ups.append(rand_up)
+            downs.append(random_control(down, d_ff, base + 1, exclude=[up, rand_up],
+                                        prob=matched))
+        out[dim] = DimensionSets(up, down, ups, downs)
     return out
 
 
@@ -189,11 +250,32 @@ class Reliability:
     set_size: int
     fdr_at_set: float  # estimated FDR of the whole set (at its smallest delta)
     fdr05_count: int  # neurons kept at FDR 5%
+    source: str = "generated"  # the location source (SOURCES)
+    chosen: bool = False  # the source and contrast the dimension's located set comes from
+
+    @property
+    def spearman_brown(self) -> float:
+        """The reliability of the statistic over all the units (the curve's last point)."""
+        return self.curve[-1].spearman_brown
+
+
+def choose_sources(rows: list[Reliability], dims: list[str], contrast: str) -> dict[str, str]:
+    """Per dimension, the source whose location (of `contrast`) is the more reliable, by
+    split-half Spearman-Brown; read before anything is steered. Marks the chosen rows."""
+    chosen = {}
+    for dim in dims:
+        mine = [r for r in rows if r.dimension == dim and r.contrast == contrast]
+        if not mine:
+            raise ValueError(f"no location of {dim!r} with contrast {contrast!r}")
+        best = max(mine, key=lambda r: r.spearman_brown if r.spearman_brown == r.spearman_brown
+                   else float("-inf"))
+        best.chosen, chosen[dim] = True, best.source
+    return chosen
 
 
 def reliability(stats: dict[str, SourceStats], dim: str, negative: str, contrast: str,
                 located: ValueNeurons, top_k: int, null: NullDistribution,
-                repeats: int, seed: int) -> Reliability:
+                repeats: int, seed: int, source: str = "generated") -> Reliability:
     pos, neg = stats[dim], stats[negative]
     delta = pos.summary.prob - neg.summary.prob
     curve = split_half(pos.counts, neg.counts, top_k, repeats=repeats, seed=seed)
@@ -204,7 +286,7 @@ def reliability(stats: dict[str, SourceStats], dim: str, negative: str, contrast
     return Reliability(dim, contrast, curve, q95, q99, int((at > q95).sum()),
                        int((at > q99).sum()), len(located),
                        null.fdr(delta, smallest) if len(at) else float("nan"),
-                       int((delta >= threshold).sum()))
+                       int((delta >= threshold).sum()), source)
 
 
 def nulls_for(stats: dict[str, SourceStats], pairs: list[tuple[str, str]], shuffles: int,
@@ -223,25 +305,33 @@ class Arm:
     kind: str  # located | random | reverse
     gamma: float
     settings: SteerSettings
+    draw: int = 0  # which random set of the null (0 for located and reverse)
 
 
 def arms(sets: dict[str, DimensionSets], gammas: list[float], fraction: float, seed: int,
-         scale: str) -> list[Arm]:
+         scale: str, null_gamma: float | None = None) -> list[Arm]:
+    """Every arm; the random arm is the first random set at every gamma and every set of
+    the null at `null_gamma` (the verdict's gamma)."""
     out = []
     for dim, s in sets.items():
-        pairs = {"located": (s.toward, s.away), "random": (s.random_toward, s.random_away),
-                 "reverse": (s.away, s.toward)}
-        for kind, (push, clamp) in pairs.items():
-            for g in gammas:
+        for g in gammas:
+            pairs = [("located", 0, s.toward, s.away)]
+            draws = range(len(s.random_toward)) if g == null_gamma else range(1)
+            pairs += [("random", r, s.random_toward[r], s.random_away[r]) for r in draws]
+            pairs.append(("reverse", 0, s.away, s.toward))
+            for kind, r, push, clamp in pairs:
+                name = f"{kind}{r if r else ''}:{dim}@{g:g}"
                 out.append(Arm(dim, kind, g, SteerSettings(
-                    push, g, clamp, fraction, seed, scale=scale, name=f"{kind}:{dim}@{g:g}")))
-    return out
+                    push, g, clamp, fraction, seed, scale=scale, name=name), r))
+    return sorted(out, key=lambda a: (list(sets).index(a.dimension), a.draw, a.kind, a.gamma))
 
 
 @dataclass
 class Measurement:
     """Effects toward each dimension (persona and arms), per instrument, and the cost."""
     persona: dict[tuple[str, str], Effect] = field(default_factory=dict)  # (instr, dim)
+    # (instr, axis): the first pole's personas minus the second's, toward the first pole
+    persona_axis: dict[tuple[str, str], Effect] = field(default_factory=dict)
     arms: dict[tuple[str, str, str, float], Effect] = field(default_factory=dict)
     contrasts: dict[tuple[str, str, float], Effect] = field(default_factory=dict)  # loc-rand
     # (instr, dim, gamma): this pole's located-minus-random minus the opposite pole's, toward dim
@@ -251,6 +341,9 @@ class Measurement:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)  # (instr, axis): why
     no_reverse: list[tuple[str, str]] = field(default_factory=list)  # (instr, dim): control fails
+    # (instr, dim, gamma): the located effect's quantile among the random sets' effects, and
+    # how many random sets there were
+    quantiles: dict[tuple[str, str, float], tuple[float, int]] = field(default_factory=dict)
 
     def passes(self, instrument: str, dim: str) -> bool:
         effect = self.persona.get((instrument, dim))
@@ -258,11 +351,12 @@ class Measurement:
 
 
 def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
-            all_arms: list[Arm], personas: int, generate_gammas: list[float], boot: int,
+            all_arms: list[Arm], personas: int | None, generate_gammas: list[float], boot: int,
             passages: int, log: Callable[[str], None] = print, controls_first: bool = True,
             max_perplexity: float | None = MAX_PERPLEXITY_RATIO) -> Measurement:
     """The cost first (perplexity ratio of every arm on neutral text), then per instrument
-    and axis: the unsteered base, the persona controls, and the arms. With `controls_first`
+    and axis: the unsteered base, the persona controls (the first `personas` wordings of each
+    pole against as many neutral ones; None: all), and the arms. With `controls_first`
     an instrument whose control fails for both poles of an axis is not steered on it (it
     is uninformative there: nothing would be read), and a pole whose control fails is not
     steered in reverse (no verdict reads it); with `max_perplexity` an arm whose
@@ -274,12 +368,12 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
         clock = time.perf_counter()
         texts = [subject.prompts.plain(t) for t in subject.data.neutral_passages[:passages]]
         out.base_perplexity = perplexity(subject.model, texts, None, pad_token_id=subject.pad)
-        for arm in all_arms:
+        for arm in (a for a in all_arms if a.draw == 0):  # the null's other sets: same push
             with arm.settings.context(subject.model) as steering:
                 value = perplexity(subject.model, texts, steering, pad_token_id=subject.pad)
             out.perplexity[arm.settings.name] = value / out.base_perplexity
         out.seconds["perplexity"] = time.perf_counter() - clock
-        log(f"perplexity of {len(all_arms)} arms: {out.seconds['perplexity']:.0f} s")
+        log(f"perplexity of {len(out.perplexity)} arms: {out.seconds['perplexity']:.0f} s")
 
     def within(name: str) -> bool:
         return max_perplexity is None or out.perplexity.get(name, 1.0) <= max_perplexity
@@ -298,16 +392,27 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
             signs = inst.signs(subject, axis)
             base = inst.score(subject, axis, None, None)
             on_axis = [d for d in dims if AXIS_OF[d] == axis]
+            # the control: each pole's personas (every wording, averaged) against the neutral
+            # persona's, and the axis's persona contrast (first pole's minus second's)
+            def persona_mean(pole: str) -> torch.Tensor:
+                return torch.stack([inst.score(subject, axis, text, None)
+                                    for text in subject.data.personas(pole)[:personas]]).mean(0)
+
+            neutral = persona_mean(NEUTRAL)
+            by_pole = {dim: persona_mean(dim) for dim in on_axis}
             for dim in on_axis:
-                persona = torch.stack([inst.score(subject, axis, p, None) for p in
-                                       subject.data.personas(dim)[:personas]]).mean(0)
                 out.persona[(inst.name, dim)] = bootstrap_effect(
-                    persona - base, signs, boot, subject.seed).toward(toward(dim))
+                    by_pole[dim] - neutral, signs, boot, subject.seed).toward(toward(dim))
+            if len(by_pole) == 2:
+                first, second = AXES[axis]
+                out.persona_axis[(inst.name, axis)] = bootstrap_effect(
+                    by_pole[first] - by_pole[second], signs, boot, subject.seed)
             if controls_first and not any(out.passes(inst.name, d) for d in on_axis):
                 out.skipped[(inst.name, axis)] = "fails its control on both poles"
                 log(f"instrument {inst.name}: control fails on {axis}, arms not measured")
                 continue
-            beyond: dict[tuple[str, float], torch.Tensor] = {}  # located - random per unit
+            # (dim, g): the located arm's and the random sets' score changes, per unit
+            beyond: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
             for dim in on_axis:
                 direction = toward(dim)
                 scores = {}
@@ -322,22 +427,34 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                             inst.generates and arm.gamma not in generate_gammas) or (
                             unread and arm.kind == "reverse"):
                         continue
-                    scores[(arm.kind, arm.gamma)] = inst.score(subject, axis, None,
-                                                               arm.settings)
-                    out.arms[(inst.name, dim, arm.kind, arm.gamma)] = bootstrap_effect(
-                        scores[(arm.kind, arm.gamma)] - base, signs, boot,
-                        subject.seed).toward(direction)
-                for (kind, g), steered in scores.items():
-                    if kind == "located" and ("random", g) in scores:
-                        beyond[(dim, g)] = steered - scores[("random", g)]
-                        out.contrasts[(inst.name, dim, g)] = bootstrap_effect(
-                            beyond[(dim, g)], signs, boot, subject.seed).toward(direction)
+                    scores[(arm.kind, arm.gamma, arm.draw)] = inst.score(
+                        subject, axis, None, arm.settings) - base
+                for (kind, g, draw), change in scores.items():
+                    if kind == "random" and draw > 0:
+                        continue
+                    if kind == "random":
+                        change = torch.stack([c for (k, h, _), c in scores.items()
+                                              if (k, h) == ("random", g)]).mean(0)
+                    out.arms[(inst.name, dim, kind, g)] = bootstrap_effect(
+                        change, signs, boot, subject.seed).toward(direction)
+                for (kind, g, draw), located in scores.items():
+                    if kind != "located" or ("random", g, 0) not in scores:
+                        continue
+                    randoms = torch.stack([c for (k, h, _), c in scores.items()
+                                           if (k, h) == ("random", g)])
+                    beyond[(dim, g)] = (located, randoms)
+                    out.contrasts[(inst.name, dim, g)] = null_effect(
+                        [(1.0, located, randoms)], signs, boot, subject.seed).toward(direction)
+                    out.quantiles[(inst.name, dim, g)] = (null_quantile(
+                        direction * mean_effect(located, signs),
+                        [direction * mean_effect(r, signs) for r in randoms]), len(randoms))
             # pole-specificity: this pole's set moves the instrument toward this pole more than
             # the opposite pole's set does (both beyond their random sets, on the same units)
-            for (dim, g), own in beyond.items():
+            for (dim, g), (located, randoms) in beyond.items():
                 if (OPPOSITE[dim], g) in beyond:
-                    out.specific[(inst.name, dim, g)] = bootstrap_effect(
-                        own - beyond[(OPPOSITE[dim], g)], signs, boot,
+                    other, other_randoms = beyond[(OPPOSITE[dim], g)]
+                    out.specific[(inst.name, dim, g)] = null_effect(
+                        [(1.0, located, randoms), (-1.0, other, other_randoms)], signs, boot,
                         subject.seed).toward(toward(dim))
         out.seconds[inst.name] = time.perf_counter() - clock
         log(f"instrument {inst.name}: {out.seconds[inst.name]:.0f} s")
@@ -345,5 +462,6 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
 
 
 __all__ = ["AXES", "Arm", "DimensionSets", "LocateSettings", "Measurement", "Reliability",
-           "SourceStats", "arms", "locate", "location_statistics", "measure", "neuron_sets",
-           "nulls_for", "reliability", "response_statistics", "sequences"]
+           "SOURCES", "SourceStats", "arms", "choose_sources", "locate", "location_statistics",
+           "measure", "neuron_sets", "nulls_for", "reliability", "response_statistics",
+           "sequences", "teacher_forced_statistics"]

@@ -6,8 +6,8 @@ second); an effect is the mean change over +1 units minus that over -1 units
 
 - `dilemmas`: log p(first pole's answer) - log p(second's) per held-out dilemma, per token,
   teacher-forced and steered at every answer-predicting position.
-- `lettered`: the same dilemma with both answers lettered A/B (order counterbalanced over
-  items); log p(first pole's letter) - log p(the other letter).
+- `lettered`: the same dilemma with both answers lettered A/B, in both orders;
+  log p(first pole's letter) - log p(the other letter), averaged over the two orders.
 - `statements`: per-token log-likelihood of each held-out statement of either pole.
 - `questionnaire`: expected answer (1..6) of the portrait items keyed to the axis's values.
 - `embedding`, `pyvalues`: judges of open-ended answers to the held-out dilemmas, generated
@@ -152,7 +152,9 @@ class DilemmaMargin(_TeacherForced):
 
 
 class LetteredChoice(_TeacherForced):
-    """The first pole's answer is A on even items and B on odd ones."""
+    """Each dilemma in both answer orders (the first pole's answer as A, then as B); a unit's
+    score is the mean over the two orders, so a preference for a letter or a position
+    cancels within every unit."""
     name = "lettered"
 
     def rows(self, subject: Subject, axis: str,
@@ -160,18 +162,15 @@ class LetteredChoice(_TeacherForced):
         rows = []
         first, second = AXES[axis]
         letters = [subject.prompts.continuation(x) for x in ("A", "B")]
-        for k, (question, answers) in enumerate(subject.data.dilemmas(axis)):
-            a, b = (answers[first], answers[second]) if k % 2 == 0 else \
-                (answers[second], answers[first])
-            context = subject.prompts.lettered(question, a, b, persona)
-            rows += [(context, letters[0]), (context, letters[1])]
+        for question, answers in subject.data.dilemmas(axis):
+            for a, b in ((answers[first], answers[second]), (answers[second], answers[first])):
+                context = subject.prompts.lettered(question, a, b, persona)
+                rows += [(context, letters[0]), (context, letters[1])]
         return rows
 
     def reduce(self, logp: torch.Tensor) -> torch.Tensor:
-        a_minus_b = logp[0::2] - logp[1::2]
-        flip = torch.tensor([1.0 if k % 2 == 0 else -1.0 for k in range(len(a_minus_b))],
-                            dtype=a_minus_b.dtype)
-        return a_minus_b * flip  # the first pole's letter minus the other
+        a_minus_b = (logp[0::2] - logp[1::2]).view(-1, 2)  # [dilemma, order]
+        return (a_minus_b[:, 0] - a_minus_b[:, 1]) / 2  # the first pole's letter minus the other
 
     def signs(self, subject: Subject, axis: str) -> torch.Tensor:
         return dilemma_signs(subject, axis)

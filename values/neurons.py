@@ -165,11 +165,19 @@ def _sorted_set(layer: torch.Tensor, index: torch.Tensor, delta: torch.Tensor,
                         None if prob is None else prob[order].float())
 
 
+# The largest share of one layer a located set may hold (see select_neurons).
+MAX_LAYER_FRACTION = 1 / 3
+
+
 def select_neurons(p_pos: torch.Tensor, p_neg: torch.Tensor, top_k: int, min_delta: float,
-                   scale: torch.Tensor | None = None) -> ValueNeurons:
+                   scale: torch.Tensor | None = None,
+                   max_layer_fraction: float = MAX_LAYER_FRACTION) -> ValueNeurons:
     """The top_k neurons by delta = p_pos - p_neg, plus every neuron with delta >= min_delta;
-    positive deltas only. `scale` [layers, d_ff] is the pole's 95th percentile (default 1);
-    `prob` keeps p_pos at each neuron (the authors' push multiplies it)."""
+    positive deltas only; at most `max_layer_fraction` of any layer (its largest deltas), so
+    that a random control of the same size per layer fits outside the set and its opposite
+    (binding only on tiny models: SmolLM2's sets hold at most 12 % of a layer). `scale`
+    [layers, d_ff] is the pole's 95th percentile (default 1); `prob` keeps p_pos at each
+    neuron (the authors' push multiplies it)."""
     if p_pos.shape != p_neg.shape or p_pos.dim() != 2:
         raise ValueError(f"p_pos and p_neg must both be [layers, d_ff], got "
                          f"{tuple(p_pos.shape)} and {tuple(p_neg.shape)}")
@@ -180,8 +188,16 @@ def select_neurons(p_pos: torch.Tensor, p_neg: torch.Tensor, top_k: int, min_del
     if top_k > 0:
         chosen[torch.topk(delta, min(top_k, delta.numel())).indices] = True
     chosen &= delta > 0
-    flat = chosen.nonzero().flatten()
     d_ff = p_pos.shape[1]
+    cap = max(1, int(max_layer_fraction * d_ff))
+    per_layer = torch.where(chosen, delta, torch.tensor(float("-inf"))).view(-1, d_ff)
+    over = chosen.view(-1, d_ff).sum(1) > cap
+    for layer in over.nonzero().flatten().tolist():
+        keep = torch.topk(per_layer[layer], cap).indices
+        row = torch.zeros(d_ff, dtype=torch.bool)
+        row[keep] = True
+        chosen.view(-1, d_ff)[layer] &= row
+    flat = chosen.nonzero().flatten()
     scale = torch.ones_like(p_pos) if scale is None else scale
     return _sorted_set(flat // d_ff, flat % d_ff, delta[flat],
                        scale.flatten()[flat].to(delta.device), {"method": "contrast"},
@@ -215,22 +231,47 @@ def select_lape(probs: torch.Tensor, pole: int, top_k: int, opposite: int | None
 
 
 def random_control(neurons: ValueNeurons, d_ff: int, seed: int = 0,
-                   exclude: list[ValueNeurons] = ()) -> ValueNeurons:
+                   exclude: list[ValueNeurons] = (), prob: torch.Tensor | None = None,
+                   bins: int = 10) -> ValueNeurons:
     """A random set with the same count per layer (and the same delta and scale per row, so
-    steering moves it by the same amounts), avoiding the located neurons and `exclude`."""
+    steering moves it by the same amounts), avoiding the located neurons and `exclude`.
+    With `prob` ([layers, d_ff] activation probabilities) each row is also matched on its
+    neuron's activation-probability decile within its layer (`bins` quantile bins), taking
+    the nearest bin with a free neuron where its own has none left."""
     gen = torch.Generator().manual_seed(seed)
-    taken = {(int(layer), int(i)) for s in (neurons, *exclude)
-             for layer, i in zip(s.layer, s.index)}
+    own = {(int(layer), int(i)) for layer, i in zip(neurons.layer, neurons.index)}
+    taken = own | {(int(layer), int(i)) for s in exclude for layer, i in zip(s.layer, s.index)}
     index = torch.empty_like(neurons.index)
+    overlaps = []
     for layer in neurons.layer.unique().tolist():
         rows = (neurons.layer == layer).nonzero().flatten()
         free = torch.tensor([i for i in range(d_ff) if (layer, i) not in taken])
-        pick = free[torch.randperm(len(free), generator=gen)[: len(rows)]]
-        if len(pick) < len(rows):
-            raise ValueError(f"layer {layer} has too few free neurons for a random control")
-        index[rows] = pick
+        if len(free) < len(rows):  # a small model: may overlap `exclude`, never the set itself
+            free = torch.tensor([i for i in range(d_ff) if (layer, i) not in own])
+            overlaps.append(layer)
+        if len(free) < len(rows):
+            raise ValueError(f"layer {layer}: the located set holds {len(rows)} of its {d_ff} "
+                             "neurons, too many to draw a random control of the same size "
+                             "outside it (lower locate.top_k)")
+        if prob is None:
+            index[rows] = free[torch.randperm(len(free), generator=gen)[: len(rows)]]
+            continue
+        p = prob[layer].double()
+        edges = torch.quantile(p, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
+        bin_of = torch.bucketize(p, edges)  # [d_ff]: 0 .. bins-1
+        pools = {b: free[bin_of[free] == b] for b in range(bins)}
+        pools = {b: v[torch.randperm(len(v), generator=gen)].tolist() for b, v in pools.items()}
+        for row in rows.tolist():
+            want = int(bin_of[int(neurons.index[row])])
+            for b in sorted(range(bins), key=lambda b: (abs(b - want), b)):
+                if pools[b]:
+                    index[row] = pools[b].pop()
+                    break
     return ValueNeurons(neurons.layer.clone(), index, neurons.delta.clone(),
-                        neurons.scale.clone(), {**neurons.meta, "method": "random"},
+                        neurons.scale.clone(), {**neurons.meta, "method": "random",
+                                                "matched": "layer" if prob is None else
+                                                f"layer and activation probability ({bins} "
+                                                "bins)", "overlaps_excluded_in_layers": overlaps},
                         None if neurons.prob is None else neurons.prob.clone())
 
 

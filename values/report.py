@@ -32,7 +32,8 @@ def write_table(rows: list[dict[str, Any]], stem: Path, title: str = "") -> str:
     """Write rows as `<stem>.csv` and `<stem>.md`; return the Markdown."""
     if not rows:
         return ""
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order
+    rows = [{c: r.get(c, "") for c in columns} for r in rows]
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -92,7 +93,8 @@ def reliability_rows(items: Sequence[Any]) -> tuple[list[dict], list[dict]]:
     summary, curve = [], []
     for r in items:
         full = r.curve[-1]
-        summary.append({"dimension": r.dimension, "contrast": r.contrast,
+        summary.append({"dimension": r.dimension, "source": r.source, "contrast": r.contrast,
+                        "located from it": "yes" if r.chosen else "",
                         "set size": r.set_size, "above null max 95%": r.above95,
                         "above null max 99%": r.above99, "FDR of the set": r.fdr_at_set,
                         "kept at FDR 5%": r.fdr05_count,
@@ -100,25 +102,28 @@ def reliability_rows(items: Sequence[Any]) -> tuple[list[dict], list[dict]]:
                         "split-half Spearman": full.spearman,
                         "Spearman-Brown (all prompts)": full.spearman_brown,
                         "top-k Jaccard": full.jaccard})
-        curve += [{"dimension": r.dimension, "contrast": r.contrast,
+        curve += [{"dimension": r.dimension, "source": r.source, "contrast": r.contrast,
                    "prompts per half": p.prompts_per_half, "spearman": p.spearman,
-                   "jaccard": p.jaccard} for p in r.curve]
+                   "spearman_brown": p.spearman_brown, "jaccard": p.jaccard}
+                  for p in r.curve]
     return summary, curve
 
 
 def reliability_figure(curve: list[dict]) -> plt.Figure:
     """Split-half Spearman and top-k Jaccard against prompts per half, per dimension."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    keys = dict.fromkeys((r["dimension"], r["contrast"]) for r in curve)
-    for dim, contrast in keys:
-        rows = [r for r in curve if (r["dimension"], r["contrast"]) == (dim, contrast)]
+    keys = dict.fromkeys((r["dimension"], r["contrast"], r["source"]) for r in curve)
+    for dim, contrast, source in keys:
+        rows = [r for r in curve if (r["dimension"], r["contrast"], r["source"]) ==
+                (dim, contrast, source)]
         line = "-" if contrast == "reversed" else ":"
+        marker = "o" if source == "teacher_forced" else "x"
         for ax, key in zip(axes, ("spearman", "jaccard")):
             ax.plot([r["prompts per half"] for r in rows], [r[key] for r in rows], line,
-                    marker="o", ms=3, label=f"{dim} ({contrast})")
+                    marker=marker, ms=3, label=f"{dim} ({contrast}, {source})")
     for ax, name in zip(axes, ("split-half Spearman of delta", "top-k Jaccard")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("location prompts per half")
+        ax.set_xlabel("location units per half (prompts or statements)")
         ax.set_ylabel(name)
     axes[0].axhline(0.8, color="grey", lw=0.6)
     axes[1].legend(fontsize="xx-small")
@@ -131,13 +136,19 @@ def effect_rows(m: Any) -> list[dict]:
     rows = [{"instrument": i, "dimension": d, "arm": "persona", "gamma": float("nan"),
              "effect": e.point, "low": e.low, "high": e.high, "perplexity_ratio": float("nan")}
             for (i, d), e in m.persona.items()]
+    rows += [{"instrument": i, "dimension": axis, "arm": "persona first pole - second",
+              "gamma": float("nan"), "effect": e.point, "low": e.low, "high": e.high,
+              "perplexity_ratio": float("nan")} for (i, axis), e in m.persona_axis.items()]
     rows += [{"instrument": i, "dimension": d, "arm": k, "gamma": g, "effect": e.point,
               "low": e.low, "high": e.high,
               "perplexity_ratio": m.perplexity.get(f"{k}:{d}@{g:g}", float("nan"))}
              for (i, d, k, g), e in m.arms.items()]
     rows += [{"instrument": i, "dimension": d, "arm": "located - random", "gamma": g,
               "effect": e.point, "low": e.low, "high": e.high,
-              "perplexity_ratio": float("nan")} for (i, d, g), e in m.contrasts.items()]
+              "perplexity_ratio": float("nan"),
+              "null quantile": m.quantiles.get((i, d, g), (float("nan"), 0))[0],
+              "random sets": m.quantiles.get((i, d, g), (float("nan"), 0))[1]}
+             for (i, d, g), e in m.contrasts.items()]
     # the verdict's pole-specificity: this pole's located - random minus the opposite's
     rows += [{"instrument": i, "dimension": d, "arm": "this pole's set - opposite's",
               "gamma": g, "effect": e.point, "low": e.low, "high": e.high,
@@ -152,14 +163,13 @@ def write_report(out: Path, m: Any, instruments: Sequence[str], dims: Sequence[s
                  contrast: str | None = None) -> dict[str, float]:
     """summary.md (verdicts first), CSV/MD tables, PNG plots, TensorBoard, control.json;
     returns the run's scalar metrics. The verdict gate reads the split-half reliability of
-    `contrast` (the location's) from `reliability`."""
+    the location each set came from (the `chosen` rows of `reliability`)."""
     import json
 
     from torch.utils.tensorboard import SummaryWriter
 
     max_perplexity = rule.max_perplexity
-    reliable = {r.dimension: r.curve[-1].spearman_brown for r in reliability
-                if r.contrast == contrast}
+    reliable = {r.dimension: r.spearman_brown for r in reliability if r.chosen}
     tables, metrics, verdicts, gate = [header] if header else [], {}, {}, {}
     for dim in dims:
         rows = [instrument_row(m, name, dim, rule.gamma) for name in instruments]

@@ -87,10 +87,11 @@ def save_sets(sets: dict[str, DimensionSets], out: Path, layers: int) -> list[di
     for dim, s in sets.items():
         s.toward.save(out / f"neurons_{dim}.json")
         s.away.save(out / f"neurons_{dim}_away.json")
-        s.random_toward.save(out / f"random_{dim}.json")
-        s.random_away.save(out / f"random_{dim}_away.json")
+        s.random_toward[0].save(out / f"random_{dim}.json")  # the others: seed + 1000 * draw
+        s.random_away[0].save(out / f"random_{dim}_away.json")
         n, some = s.toward, len(s.toward) > 0
         rows.append({"dimension": dim, "neurons": len(n), "away": len(s.away),
+                     "source": n.meta.get("source", ""), "random sets": len(s.random_toward),
                      "max_delta": float(n.delta.max()) if some else 0.0,
                      "min_delta": float(n.delta.min()) if some else 0.0,
                      "mean_prob": float(n.prob.mean()) if some and n.prob is not None

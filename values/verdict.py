@@ -67,6 +67,8 @@ class InstrumentRow:
     reverse: Effect
     perplexity_ratio: float  # the located arm's, at gamma
     specificity: Effect = NAN  # located - random of this pole's set minus the opposite's
+    quantile: float = float("nan")  # the located effect's quantile among the random sets'
+    random_sets: int = 0
 
     def cells(self) -> dict[str, Any]:
         return {"instrument": self.instrument, "control passed": "yes" if self.control else
@@ -74,6 +76,8 @@ class InstrumentRow:
                 "gamma": self.gamma, "located": str(self.located),
                 "random": str(self.random),
                 "located - random": str(self.located_minus_random),
+                "null quantile": (f"{self.quantile:.2f} of {self.random_sets}"
+                                  if self.random_sets else "n/a"),
                 "this pole's set - opposite's": str(self.specificity),
                 "reverse": str(self.reverse), "perplexity ratio": self.perplexity_ratio}
 
@@ -87,7 +91,8 @@ def instrument_row(m: Any, instrument: str, dim: str, gamma: float) -> Instrumen
         m.contrasts.get((instrument, dim, gamma), NAN),
         m.arms.get((instrument, dim, "reverse", gamma), NAN),
         m.perplexity.get(f"located:{dim}@{gamma:g}", float("nan")),
-        m.specific.get((instrument, dim, gamma), NAN))
+        m.specific.get((instrument, dim, gamma), NAN),
+        *m.quantiles.get((instrument, dim, gamma), (float("nan"), 0)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ copied from elsewhere), read as plain JSON lines:
   centroids. No text is in both splits.
 - `questions.jsonl`: everyday dilemmas per axis (`axis`, `domain`, `split` locate|validate).
 - `dilemma_answers.jsonl`: for every validate dilemma, one matched first-person answer per pole.
-- `personas.jsonl`: instructions to be a person of one pole (the instruments' positive control).
+- `personas.jsonl`: instructions to be a person of one pole (the instruments' positive control),
+  6 wordings per pole, and 6 of a neutral person (`pole: neutral`), the control's baseline.
 - `questionnaire.jsonl` + `scoring_key.json`: portrait items (`id`, `text`), the 6-point
   scale, item -> basic value and basic value -> dimension;
 - `neutral_prompts.jsonl`, `neutral_passages.jsonl`: value-neutral requests and passages.
@@ -32,6 +33,7 @@ AXES = {"openness_vs_conservation": ("openness_to_change", "conservation"),
         "enhancement_vs_transcendence": ("self_enhancement", "self_transcendence")}
 AXIS_OF = {pole: axis for axis, poles in AXES.items() for pole in poles}
 SPLITS = ("locate", "validate")
+NEUTRAL = "neutral"  # the pole of the neutral personas: the persona control's baseline
 FILES = ("descriptions", "questions", "dilemma_answers", "personas", "questionnaire",
          "neutral_prompts", "neutral_passages")
 
@@ -112,7 +114,11 @@ class ValueData:
         return out
 
     def personas(self, pole: str) -> list[str]:
-        texts = [r["text"] for r in self.persona_rows if r["pole"] == check_dimension(pole)]
+        """Every wording of `pole`'s persona, or (pole "neutral") of the neutral persona that
+        is the persona control's baseline."""
+        if pole != NEUTRAL:
+            check_dimension(pole)
+        texts = [r["text"] for r in self.persona_rows if r["pole"] == pole]
         if not texts:
             raise ValueError(f"personas.jsonl has no persona for pole {pole!r}")
         return texts
@@ -156,6 +162,11 @@ def check_data(data: ValueData) -> None:
         for split in SPLITS:
             data.statements(pole, split)
         data.personas(pole)
+    data.personas(NEUTRAL)
+    unknown = {r["pole"] for r in data.persona_rows} - {*DIMENSIONS, NEUTRAL}
+    if unknown:
+        raise ValueError(f"personas.jsonl has personas of unknown pole(s) {sorted(unknown)}: "
+                         f"a pole is one of {', '.join(DIMENSIONS)} or {NEUTRAL!r}")
     for axis in AXES:
         data.dilemmas(axis)
     splits: dict[str, set[str]] = {}
