@@ -132,12 +132,15 @@ def response_statistics(model: Any, ids: torch.Tensor, mask: torch.Tensor,
     """Feed right-padded sequences through the model, counting the masked tokens (pooled in
     `stats`, per sequence in `counts`)."""
     device = next(model.parameters()).device
+    # the decoder alone where the model has one: the MLPs are all that is read, so the
+    # vocabulary projection (a fifth of SmolLM2's forward) is skipped
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
     with record_activations(model, stats, counts) as recorder:
         for start in range(0, len(ids), batch_size):
             chunk, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
             width = int(chunk_mask.nonzero()[:, 1].max()) + 1 if chunk_mask.any() else 1
             recorder.mask = chunk_mask[:, :width].to(device)
-            model(input_ids=chunk[:, :width].to(device), use_cache=False)
+            body(input_ids=chunk[:, :width].to(device), use_cache=False)
     return stats
 
 
