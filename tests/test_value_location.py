@@ -169,7 +169,7 @@ def test_neuron_sets_draw_many_matched_sets_and_arms_use_them_at_the_verdict_gam
     all_arms = arms(sets, [1.0, 2.0], 0.9, 0, "p95", null_gamma=2.0)
     names = sorted(a.settings.name for a in all_arms)
     assert names == sorted(["located:conservation@1", "located:conservation@2",
-                            "reverse:conservation@1", "reverse:conservation@2",
+                            "reverse:conservation@2",
                             "random:conservation@1", "random:conservation@2",
                             *(f"random{r}:conservation@2" for r in range(1, 5))])
 

@@ -313,15 +313,18 @@ class Arm:
 
 def arms(sets: dict[str, DimensionSets], gammas: list[float], fraction: float, seed: int,
          scale: str, null_gamma: float | None = None) -> list[Arm]:
-    """Every arm; the random arm is the first random set at every gamma and every set of
-    the null at `null_gamma` (the verdict's gamma)."""
+    """Every arm. With `null_gamma` (the verdict's gamma) the random arm is every set of the
+    null there and the first set at the other gammas, and the reverse arm (read beside the
+    verdict, never by it) is at `null_gamma` only; without it, one random set and a reverse
+    arm at every gamma."""
     out = []
     for dim, s in sets.items():
         for g in gammas:
             pairs = [("located", 0, s.toward, s.away)]
             draws = range(len(s.random_toward)) if g == null_gamma else range(1)
             pairs += [("random", r, s.random_toward[r], s.random_away[r]) for r in draws]
-            pairs.append(("reverse", 0, s.away, s.toward))
+            if null_gamma is None or g == null_gamma:
+                pairs.append(("reverse", 0, s.away, s.toward))
             for kind, r, push, clamp in pairs:
                 name = f"{kind}{r if r else ''}:{dim}@{g:g}"
                 out.append(Arm(dim, kind, g, SteerSettings(
