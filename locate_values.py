@@ -60,6 +60,14 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             raise ValueError(f"validate.max_perplexity={max_perplexity}: a perplexity ratio "
                              "limit is a number >= 1 (or null to measure every arm)")
         max_perplexity = float(max_perplexity)
+    personas = cfg.validate.personas
+    if personas is not None and (isinstance(personas, bool) or not isinstance(personas, int)
+                                 or personas < 1):
+        raise ValueError(f"validate.personas must be an integer >= 1 or null (every wording), "
+                         f"got {personas!r}")
+    draws = cfg.validate.random_sets
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"validate.random_sets must be an integer >= 1, got {draws!r}")
     v = cfg.validate
     rule = VerdictRule(v.verdict_gamma, v.equivalence, max_perplexity, v.min_reliability,
                        tuple(v.verdict_limits))
@@ -132,14 +140,6 @@ def locate_values(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         prob = {d: (by_source[chosen_source[d]][d].summary.prob
                     + by_source[chosen_source[d]][settings.negative(d)].summary.prob) / 2
                 for d in dims}
-    personas = cfg.validate.personas
-    if personas is not None and (isinstance(personas, bool) or not isinstance(personas, int)
-                                 or personas < 1):
-        raise ValueError(f"validate.personas must be an integer >= 1 or null (every wording), "
-                         f"got {personas!r}")
-    draws = cfg.validate.random_sets
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"validate.random_sets must be an integer >= 1, got {draws!r}")
     sets = neuron_sets(located, signature["d_ff"], cfg.seed, draws, prob)
     sets_rows = save_sets(sets, out, signature["layers"])
 

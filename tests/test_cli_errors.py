@@ -70,6 +70,9 @@ def test_train_bad_setting_is_one_line(tmp_path, overrides, names):
     ("locate_values.py", ["neurons=/nonexistent"], "/nonexistent"),
     ("locate_values.py", ["steer.gamma=-1"], "steer.gamma"),
     ("locate_values.py", ["validate.max_perplexity=abc"], "validate.max_perplexity"),
+    ("locate_values.py", ["locate.source=sampled"], "locate.source"),
+    ("locate_values.py", ["validate.random_sets=0"], "validate.random_sets"),
+    ("locate_values.py", ["validate.personas=0"], "validate.personas"),
     ("train_predictor.py", ["rollouts=/no/such.pt"], "rollouts"),
     ("train_predictor.py", ["probe_tokens=-1"], "probe_tokens"),
     ("-m bench", ["table=nope"], "table"),
@@ -78,6 +81,22 @@ def test_train_bad_setting_is_one_line(tmp_path, overrides, names):
 def test_other_entry_points_bad_setting_is_one_line(tmp_path, script, overrides, names):
     assert_one_error_line(run(*script.split(), *NO_POLICY, *overrides, cwd=tmp_path),
                           tmp_path, names)
+
+
+def test_output_dir_is_made_or_named(tmp_path):
+    """`paths.output_dir` set to a folder Hydra did not make: made; set below a file: one
+    error line naming the setting, no traceback."""
+    made = tmp_path / "new" / "dir"
+    proc = run("train.py", *TINY, "trainer.max_steps=1", "callbacks=none",
+               f"paths.output_dir={made}", cwd=tmp_path / "hydra")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (made / "config_tree.yaml").is_file()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run("train.py", *TINY, f"paths.output_dir={blocker}/run", cwd=tmp_path / "hydra2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    last = [line for line in proc.stdout.splitlines() if line.strip()][-1]
+    assert last.startswith("error: paths.output_dir=") and "a_file" in last, last
 
 
 # ----------------------------------------------------------------------------- checkpoints
