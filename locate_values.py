@@ -10,10 +10,11 @@ steer them, and measure the change with instruments that pass their positive con
 
 `locate_values(cfg)` is one flat, ordered function (seed -> policy -> data -> sampler ->
 location statistics -> neuron sets -> reliability -> instruments under every arm -> report)
-that returns (metrics, objects); the phases live in values/experiment.py. The run dir gets
-summary.md (a verdict per dimension first), neurons_<dimension>.json and _away.json (loadable
-with `ValueNeurons.load(path, model)`), random_*.json, tables as .md/.csv, PNG plots,
-control.json (which instrument passed its control) and TensorBoard.
+that returns (metrics, objects); the phases live in values/location.py and
+values/experiment.py. The run dir gets summary.md (a verdict per dimension first),
+neurons_<dimension>.json and _away.json (loadable with `ValueNeurons.load(path, model)`),
+random_*.json, tables as .md/.csv, PNG plots, control.json (which instrument passed its
+control) and TensorBoard.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from values.data import load_value_data  # noqa: E402
 from values.experiment import (CONTRASTS, LocateSettings, arms,  # noqa: E402
-                               choose_sources, locate, location_prompts, location_statistics,
-                               measure, neuron_sets, nulls_for, reliability,
-                               teacher_forced_statistics)
+                               choose_sources, locate, measure, neuron_sets, nulls_for,
+                               reliability)
+from values.location import (location_prompts, location_statistics,  # noqa: E402
+                             teacher_forced_statistics)
 from values.instruments import Subject  # noqa: E402
 from values.neurons import OPPOSITE, check_dimension, check_gamma, model_signature  # noqa: E402
 from values.report import write_report  # noqa: E402
@@ -170,7 +172,7 @@ def cache_path(cfg: DictConfig, subject: Subject, settings: LocateSettings,
     """Where `locate.cache` keeps the location statistics of exactly this model, these
     prompts and this sampler."""
     prompts = {s: location_prompts(subject, s, settings.pairs) for s in sources}
-    code = [sys.modules[name] for name in ("values.statistics", "values.experiment",
+    code = [sys.modules[name] for name in ("values.statistics", "values.location",
                                            "values.prompts", "samplers.engine",
                                            type(subject.sampler).__module__)]
     key = location_key(subject.model, prompts, settings.max_new_tokens, subject.eos,

@@ -28,7 +28,7 @@ import torch
 
 from values.data import AXES, AXIS_OF, load_value_data, toward
 from values.effects import bootstrap_effect, control_passes, mean_effect
-from values.experiment import response_statistics, sequences
+from values.location import response_statistics, sequences
 from values.instruments import DilemmaMargin, Instrument, Subject
 from values.neurons import DIMENSIONS, ActivationStats, ValueNeurons
 

@@ -214,6 +214,47 @@ def test_continuation_scorer_against_plain_forwards_again_and_again(family, wind
         torch.testing.assert_close(scorer.mean_logprobs(model), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family, window", [("llama", None), ("mistral", 5)])
+def test_continuation_scorer_shares_a_persona_prefix(family, window):
+    """Contexts that all begin with the same tokens (a persona's system prompt): those are
+    prefilled once for every row (`SharedPrefix`; not with sliding-window layers), and the
+    scores still equal one plain forward per row, unsteered and under steering (which never
+    reaches the shared tokens) against the stepwise reference; the shared length stops one
+    token short of the shortest context's prefix."""
+    from tests.helpers import tiny_lm
+    from values.likelihood import ContinuationScorer, SharedPrefix, common_prefix_length
+
+    extra = {} if window is None else {"sliding_window": window}
+    model = tiny_lm(family, seed=4, **extra)
+    persona = [21, 8, 33, 4, 19, 7, 40, 12, 3]  # longer than the sliding window
+    contexts = [persona + [5, 9, 11], persona + [6], persona + [30, 2, 2, 17, 9]]
+    rows = [(contexts[0], [3, 14]), (contexts[0], [22, 5]), (contexts[1], [17, 1, 8]),
+            (contexts[2], [40]), (contexts[2], [2, 9, 9, 14])]
+    # the second context's prefix is the persona itself: one token of it stays its own
+    assert common_prefix_length([c[:-1] for c in contexts]) == len(persona) - 1
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # one token of its own
+    assert common_prefix_length([[1, 2, 3], [1, 2, 9]], limit=1) == 1
+    # sliding-window layers count cache slots: the padding after the shared tokens would
+    # narrow a short row's window, so nothing is shared there
+    shared = len(persona) - 1 if window is None else 0
+    assert SharedPrefix(model, [c[:-1] for c in contexts]).length == shared
+    assert SharedPrefix(model, [[1, 2, 3, 4, 5]]).length == 0  # one sequence: nothing shared
+    for batch_size in (2, 5):
+        scorer = ContinuationScorer(model, rows, pad_token_id=0, batch_size=batch_size)
+        expected = torch.tensor([answer_logprob(model, c, x) for c, x in rows],
+                                dtype=torch.float64)
+        for _ in range(2):
+            torch.testing.assert_close(scorer.mean_logprobs(model), expected, atol=1e-6, rtol=0)
+    neurons = ValueNeurons(torch.tensor([0, 1]), torch.tensor([3, 5]), torch.ones(2),
+                           torch.full((2,), 20.0), {"model": model_signature(model)})
+    with steer(model, neurons, 4.0, fraction=1.0) as steering:
+        got = scorer.mean_logprobs(model, steering)
+        expected = torch.tensor([stepwise_logprob(model, c, x) for c, x in rows],
+                                dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, scorer.mean_logprobs(model), atol=1e-4)
+
+
 def test_verdicts_on_synthetic_rows():
     """The three-way reading by hand: shown (beyond random and the opposite pole's set),
     ruled out (the pole-specific interval below half the persona effect), inconclusive

@@ -15,10 +15,11 @@ import torch
 from modules.policy import tiny
 from values.data import AXES, AXIS_OF, NEUTRAL, load_value_data
 from values.effects import bootstrap_effect, mean_effect, null_effect, null_quantile
-from values.experiment import (LocateSettings, Reliability, arms, choose_sources,
-                               location_prompts, measure, neuron_sets, teacher_forced_rows,
-                               teacher_forced_statistics)
+from values.experiment import (LocateSettings, Reliability, arms, choose_sources, measure,
+                               neuron_sets)
+from values.location import location_prompts, teacher_forced_rows, teacher_forced_statistics
 from values.instruments import Subject
+from values.likelihood import SharedPrefix
 from values.neurons import DIMENSIONS, OPPOSITE, SteerSettings, ValueNeurons, gated_mlps, \
     model_signature, random_control, select_neurons
 from values.reliability import SplitHalf
@@ -76,7 +77,8 @@ def test_location_data_is_disjoint_from_the_evaluation_items(data, policy):
 
 def test_teacher_forced_statistics_match_forward_hooks(data, policy):
     """The pooled activation probability and the per-statement counts over the statement
-    tokens equal what plain forward hooks give on each unpadded statement."""
+    tokens equal what plain forward hooks give on each unpadded statement (the shared
+    question prefilled once, uncounted)."""
     subject = Subject(policy, None, data)
     source = "conservation_reversed"
     stats = teacher_forced_statistics(subject, [source], lambda _: None)[source]
@@ -94,6 +96,9 @@ def test_teacher_forced_statistics_match_forward_hooks(data, policy):
             h.remove()
         for layer, acts in enumerate(seen):
             over[r, layer] = (acts[0, len(context):] > 0).sum(0)
+    # the question every statement answers is prefilled once for all (not counted)
+    assert SharedPrefix(policy.model, [c + t for c, t in rows], limit=len(rows[0][0])).length \
+        == len(rows[0][0]) > 0
     tokens = torch.tensor([len(t) for _, t in rows])
     assert torch.equal(stats.counts.tokens, tokens)
     assert torch.equal(stats.counts.over_zero.float(), over)

@@ -12,7 +12,7 @@ from values.neurons import ActivationStats
 from values.reliability import (BINS, NullDistribution, average_ranks, jaccard,
                                 permutation_null, spearman, split_half)
 from values.selection import NullFdr, TopDelta
-from values.experiment import SourceStats, response_statistics
+from values.location import SourceStats, response_statistics
 from values.statistics import PromptCounts
 
 
@@ -155,7 +155,7 @@ def test_counts_recorded_while_decoding_match_a_forward_over_the_responses():
     from samplers.base import GenerationSpec
     from samplers.continuous import ContinuousSampler
     from values.statistics import record_decoding
-    from values.experiment import sequences
+    from values.location import sequences
 
     model = planted_model()
     gen = torch.Generator().manual_seed(4)

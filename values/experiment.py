@@ -1,9 +1,9 @@
 """The phases of a value-neuron experiment (DESIGN.md section 9), called in order by
 `locate_values.py`; each takes typed inputs and returns a typed value.
 
-1. `location_statistics`: greedy responses to location prompts (a location statement of a
-   source, or its negation, + a location question), their activation statistics per source,
-   pooled and per prompt. A source is a pole or "<pole>_reversed".
+1. values/location.py: `location_statistics` (greedy responses to location prompts, a
+   location statement of a source, or its negation, + a location question), their activation
+   statistics per source, pooled and per prompt (a source is a pole or "<pole>_reversed");
    `teacher_forced_statistics`: the same statistics over the location statements themselves
    (teacher-forced, one unit per statement: no sampling noise).
 2. `locate`: per dimension the set toward it (delta > 0 against its negative source) and the
@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,11 +30,10 @@ from values.effects import MAX_PERPLEXITY_RATIO, Effect, bootstrap_effect, contr
     mean_effect, null_effect, null_quantile
 from values.instruments import Instrument, Subject
 from values.likelihood import perplexity
+from values.location import SourceStats
 from values.neurons import OPPOSITE, SteerSettings, ValueNeurons, random_control
 from values.reliability import NullDistribution, SplitHalf, permutation_null, split_half
 from values.selection import Selection
-from values.statistics import ActivationStats, ActivationSummary, PromptCounts, \
-    record_activations, record_decoding
 
 CONTRASTS = {"reversed": lambda pole: f"{pole}_reversed", "opposite_pole": OPPOSITE.get}
 # Where the location's activations come from: greedy answers the model generates to location
@@ -84,115 +82,6 @@ class LocateSettings:
         """Every response set that location needs: the poles and their negatives (with all
         four poles, the reversed contrast's run also holds the opposite-pole contrast)."""
         return list(dict.fromkeys([*poles, *(self.negative(p) for p in poles)]))
-
-
-@dataclass
-class SourceStats:
-    summary: ActivationSummary  # pooled over the source's response tokens
-    counts: PromptCounts  # per prompt
-    texts: list[str] = field(default_factory=list)
-
-
-def location_prompts(subject: Subject, source: str, pairs: int) -> list[list[int]]:
-    """`pairs` prompts "statement of the source + location question of its axis"; the two
-    poles of an axis and their negations get the same questions in the same order, and a
-    pole and its negation the same statement slots."""
-    pole, reversed_ = source.removesuffix("_reversed"), source.endswith("_reversed")
-    statements = subject.data.statements(pole, "locate", reversed_)
-    questions = list(subject.data.questions(pole, "locate"))
-    random.Random(subject.seed).shuffle(questions)
-    order = list(range(len(statements)))
-    random.Random(subject.seed + 1).shuffle(order)
-    return [subject.prompts.contrast(statements[order[k % len(order)]],
-                                     questions[k % len(questions)]) for k in range(pairs)]
-
-
-def sequences(prompts: list[list[int]], rollouts: Any, pad: int,
-              limit: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt + completion ids [N, S] and the mask of completion tokens [N, S]
-    (of the first `limit` rollouts, or all)."""
-    rows = []
-    for r in range(len(rollouts) if limit is None else min(limit, len(rollouts))):
-        prompt = prompts[int(rollouts.prompt_index[r])]
-        completion = rollouts.completion_ids[r, : int(rollouts.lengths[r])].tolist()
-        rows.append((prompt, completion))
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for r, (prompt, completion) in enumerate(rows):
-        ids[r, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        mask[r, len(prompt): len(prompt) + len(completion)] = True
-    return ids, mask
-
-
-@torch.no_grad()
-def response_statistics(model: Any, ids: torch.Tensor, mask: torch.Tensor,
-                        stats: ActivationStats, batch_size: int = 8,
-                        counts: PromptCounts | None = None) -> ActivationStats:
-    """Feed right-padded sequences through the model, counting the masked tokens (pooled in
-    `stats`, per sequence in `counts`)."""
-    device = next(model.parameters()).device
-    # the decoder alone where the model has one: the MLPs are all that is read, so the
-    # vocabulary projection (a fifth of SmolLM2's forward) is skipped
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    with record_activations(model, stats, counts) as recorder:
-        for start in range(0, len(ids), batch_size):
-            chunk, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
-            width = int(chunk_mask.nonzero()[:, 1].max()) + 1 if chunk_mask.any() else 1
-            recorder.mask = chunk_mask[:, :width].to(device)
-            body(input_ids=chunk[:, :width].to(device), use_cache=False)
-    return stats
-
-
-def location_statistics(subject: Subject, settings: LocateSettings, sources: list[str],
-                        log: Callable[[str], None] = print) -> dict[str, SourceStats]:
-    """Each source's responses, counted while they are generated (record_decoding)."""
-    out = {}
-    for source in sources:
-        prompts = location_prompts(subject, source, settings.pairs)
-        stats = ActivationStats.for_model(subject.model)
-        counts = PromptCounts.for_model(subject.model, len(prompts))
-        with record_decoding(subject.model, stats, counts):
-            rollouts, texts = subject.generate(prompts, settings.max_new_tokens)
-        out[source] = SourceStats(stats.compute(), counts, texts)
-        log(f"source {source}: {settings.pairs} responses, {out[source].summary.tokens} "
-            f"response tokens, {rollouts.stats.wall_time_s:.1f} s sampling")
-    return out
-
-
-def teacher_forced_rows(subject: Subject, source: str) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) per location statement of `source`: the statement (or, for
-    "<pole>_reversed", its negation) as the model's own answer to the self-description
-    question, as the statement instrument reads its held-out statements."""
-    pole, reversed_ = source.removesuffix("_reversed"), source.endswith("_reversed")
-    context = subject.prompts.self_description()
-    return [(context, subject.prompts.continuation(text))
-            for text in subject.data.statements(pole, "locate", reversed_)]
-
-
-def teacher_forced_statistics(subject: Subject, sources: list[str],
-                              log: Callable[[str], None] = print) -> dict[str, SourceStats]:
-    """Each source's activation statistics over the tokens of its location statements, fed
-    whole (teacher-forced): no sampled answer, so no sampling noise; one unit per statement
-    (a pole and its negation pair up statement by statement)."""
-    out = {}
-    for source in sources:
-        rows = teacher_forced_rows(subject, source)
-        width = max(len(c) + len(t) for c, t in rows)
-        ids = torch.full((len(rows), width), subject.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for r, (context, text) in enumerate(rows):
-            ids[r, : len(context) + len(text)] = torch.tensor(context + text)
-            mask[r, len(context): len(context) + len(text)] = True
-        stats = ActivationStats.for_model(subject.model)
-        counts = PromptCounts.for_model(subject.model)
-        response_statistics(subject.model, ids, mask, stats, counts=counts)
-        pole, reversed_ = source.removesuffix("_reversed"), source.endswith("_reversed")
-        out[source] = SourceStats(stats.compute(), counts,
-                                  subject.data.statements(pole, "locate", reversed_))
-        log(f"source {source} (teacher-forced): {len(rows)} statements, "
-            f"{out[source].summary.tokens} tokens")
-    return out
 
 
 @dataclass
@@ -435,19 +324,20 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
                         continue
                     scores[(arm.kind, arm.gamma, arm.draw)] = inst.score(
                         subject, axis, None, arm.settings) - base
+                # per gamma, the random sets' changes [sets, units]
+                null = {g: torch.stack([c for (k, h, _), c in scores.items()
+                                        if (k, h) == ("random", g)])
+                        for k, g, _ in scores if k == "random"}
                 for (kind, g, draw), change in scores.items():
                     if kind == "random" and draw > 0:
                         continue
-                    if kind == "random":
-                        change = torch.stack([c for (k, h, _), c in scores.items()
-                                              if (k, h) == ("random", g)]).mean(0)
                     out.arms[(inst.name, dim, kind, g)] = bootstrap_effect(
-                        change, signs, boot, subject.seed).toward(direction)
+                        null[g].mean(0) if kind == "random" else change, signs, boot,
+                        subject.seed).toward(direction)
                 for (kind, g, draw), located in scores.items():
-                    if kind != "located" or ("random", g, 0) not in scores:
+                    if kind != "located" or g not in null:
                         continue
-                    randoms = torch.stack([c for (k, h, _), c in scores.items()
-                                           if (k, h) == ("random", g)])
+                    randoms = null[g]
                     beyond[(dim, g)] = (located, randoms)
                     out.contrasts[(inst.name, dim, g)] = null_effect(
                         [(1.0, located, randoms)], signs, boot, subject.seed).toward(direction)
@@ -468,6 +358,5 @@ def measure(subject: Subject, instruments: list[Instrument], dims: list[str],
 
 
 __all__ = ["AXES", "Arm", "DimensionSets", "LocateSettings", "Measurement", "Reliability",
-           "SOURCES", "SourceStats", "arms", "choose_sources", "locate", "location_statistics",
-           "measure", "neuron_sets", "nulls_for", "reliability", "response_statistics",
-           "sequences", "teacher_forced_statistics"]
+           "SOURCES", "arms", "choose_sources", "locate", "measure", "neuron_sets", "nulls_for",
+           "reliability"]

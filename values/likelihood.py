@@ -6,6 +6,8 @@ Steering acts only at positions that predict a continuation token: the context's
 position and every continuation position but the last. Everything before the context's last
 token is therefore the same under every steering condition, so its KV is computed once,
 unsteered, and each condition costs one forward over (last context token + continuation).
+The tokens every context begins with (a persona's system prompt and the chat template around
+it) are prefilled once for all rows (`SharedPrefix`), not once per context.
 
     scorer = ContinuationScorer(model, [(context_ids, answer_ids), ...], pad_token_id=0)
     mean_logp = scorer.mean_logprobs(model)                  # [n]: nats per answer token
@@ -25,6 +27,64 @@ from samplers.base import cache_keyword, output_cache
 from values.hooks import steering_paused
 
 
+def common_prefix_length(seqs: Sequence[Sequence[int]], limit: int | None = None) -> int:
+    """How many leading tokens all `seqs` share, at most `limit`, leaving each sequence at
+    least one token of its own."""
+    most = min(len(s) for s in seqs) - 1
+    most = most if limit is None else min(most, limit)
+    first, k = seqs[0], 0
+    while k < most and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+class SharedPrefix:
+    """The KV of the tokens that every sequence of a condition begins with, computed once
+    (one row, unsteered) instead of once per row; `inputs(model, rows)` gives each batch a
+    copy to prefill the rest after. `length` is 0 (no shared KV) when `seqs` share fewer
+    than `min_tokens` tokens or hold a single sequence, and for a model with sliding-window
+    layers (their window counts cache slots, so the padding between the shared tokens and
+    a shorter row's own would narrow that row's window).
+
+        shared = SharedPrefix(model, prompts)
+        rest = [p[shared.length:] for p in prompts]   # left-padded after the shared tokens
+        model(input_ids=..., attention_mask=[ones(L) | rest mask], position_ids=...,
+              use_cache=True, **shared.inputs(model, rows))
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: Any, seqs: Sequence[Sequence[int]], limit: int | None = None,
+                 min_tokens: int = 4) -> None:
+        self.length = common_prefix_length(seqs, limit) if len(seqs) > 1 else 0
+        self._cache = None
+        if self.length < min_tokens:
+            self.length = 0
+            return
+        device = next(model.parameters()).device
+        ids = torch.tensor([list(seqs[0][: self.length])], device=device)
+        with steering_paused(model):
+            out = model(input_ids=ids, position_ids=torch.arange(self.length, device=device)[None],
+                        use_cache=True)
+        cache = output_cache(out)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            self._cache = cache
+        else:
+            self.length = 0
+
+    def inputs(self, model: Any, rows: int) -> dict[str, Any]:
+        """The forward's cache argument for a batch of `rows` (a fresh copy), or nothing."""
+        if self._cache is None:
+            return {}
+        cache = copy.deepcopy(self._cache)
+        device = next(model.parameters()).device
+        cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))
+        return {cache_keyword(model): cache}
+
+    def attention(self, rows: int) -> torch.Tensor:
+        """[rows, length] ones: the shared tokens' part of an attention mask."""
+        return torch.ones(rows, self.length, dtype=torch.long)
+
+
 class ContinuationScorer:
     """Rows (context ids, continuation ids); contexts of >= 2 tokens, continuations >= 1.
     Rows that share a context (the two answers of a dilemma, every statement after the same
@@ -38,35 +98,41 @@ class ContinuationScorer:
         if any(len(c) < 2 or len(x) < 1 for c, x in rows):
             raise ValueError("every context needs two tokens and every continuation one")
         device = next(model.parameters()).device
+        # the tokens every context starts with (the chat template, a persona): prefilled once
+        shared = SharedPrefix(model, [c[:-1] for c, _ in rows])
+        skip = shared.length
         self.batches = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
             contexts = list(dict.fromkeys(tuple(c) for c, _ in chunk))  # each prefilled once
             of_row = torch.tensor([contexts.index(tuple(c)) for c, _ in chunk])
-            prefix = [list(c[:-1]) for c in contexts]
+            prefix = [list(c[skip:-1]) for c in contexts]  # after the shared tokens
             suffix = [[c[-1], *x] for c, x in chunk]
             width, tail = max(map(len, prefix)), max(map(len, suffix))
             ids = torch.full((len(prefix), width), pad_token_id, dtype=torch.long)  # [u, P]
-            attention = torch.zeros(len(chunk), width + tail, dtype=torch.long)  # [b, P+S]
+            # [b, L+P+S]: the shared tokens, each context left-padded, its continuation
+            attention = torch.zeros(len(chunk), skip + width + tail, dtype=torch.long)
+            attention[:, :skip] = 1
             tail_ids = torch.full((len(chunk), tail), pad_token_id, dtype=torch.long)  # [b, S]
             for u, p in enumerate(prefix):
                 ids[u, width - len(p):] = torch.tensor(p)
             for r, s in enumerate(suffix):
                 p = len(prefix[int(of_row[r])])
-                attention[r, width - p: width + len(s)] = 1
+                attention[r, skip + width - p: skip + width + len(s)] = 1
                 tail_ids[r, : len(s)] = torch.tensor(s)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, P+S]
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, L+P+S]
             lengths = torch.tensor([len(s) - 1 for s in suffix])  # continuation tokens
-            unique_attention = attention[:, :width].index_select(
-                0, torch.tensor([int((of_row == u).nonzero()[0]) for u in range(len(prefix))]))
+            first = torch.tensor([int((of_row == u).nonzero()[0]) for u in range(len(prefix))])
+            unique_attention = attention[:, : skip + width].index_select(0, first)
             with steering_paused(model):
                 out = model(input_ids=ids.to(device), attention_mask=unique_attention.to(device),
-                            position_ids=(unique_attention.cumsum(-1) - 1).clamp(min=0).to(
-                                device), use_cache=True)
+                            position_ids=(unique_attention.cumsum(-1) - 1).clamp(min=0)[
+                                :, skip:].to(device), use_cache=True,
+                            **shared.inputs(model, len(prefix)))
             cache = output_cache(out)
             cache.reorder_cache(of_row.to(device))  # one row of KV per continuation
             self.batches.append((cache, tail_ids.to(device), attention.to(device),
-                                 positions[:, width:].to(device), lengths))
+                                 positions[:, skip + width:].to(device), lengths))
 
     def __len__(self) -> int:
         return sum(len(b[4]) for b in self.batches)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from values.hooks import steering_paused
+from values.likelihood import SharedPrefix
 from samplers.base import cache_keyword, output_cache
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
@@ -32,15 +33,19 @@ def option_token_ids(tokenizer: Any, options: int = 6) -> list[int]:
     return ids
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad: int,
-                 device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(p) for p in prompts)
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.device,
+                 skip: int = 0) -> tuple[torch.Tensor, ...]:
+    """ids [b, S] of each prompt after its first `skip` tokens (shared, already in a cache),
+    left-padded; the attention mask [b, skip+S] and the ids' positions [b, S]."""
+    width = max(len(p) for p in prompts) - skip
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [b, S]
-    attention = torch.zeros_like(ids)
+    attention = torch.zeros(len(prompts), skip + width, dtype=torch.long)
+    attention[:, :skip] = 1
     for r, prompt in enumerate(prompts):
-        ids[r, width - len(prompt):] = torch.tensor(list(prompt))
-        attention[r, width - len(prompt):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        own = list(prompt[skip:])
+        ids[r, width - len(own):] = torch.tensor(own)
+        attention[r, skip + width - len(own):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, skip:]
     return ids.to(device), attention.to(device), positions.to(device)
 
 
@@ -59,13 +64,15 @@ class AnswerCache:
         if any(len(p) < 2 for p in prompts):
             raise ValueError("every questionnaire prompt needs at least two tokens")
         device = next(model.parameters()).device
+        shared = SharedPrefix(model, [p[:-1] for p in prompts])  # the template, prefilled once
         self.batches = []
         for start in range(0, len(prompts), batch_size):
-            ids, attention, positions = _left_padded(prompts[start: start + batch_size],
-                                                     pad_token_id, device)
+            chunk = prompts[start: start + batch_size]
+            ids, attention, positions = _left_padded(chunk, pad_token_id, device, shared.length)
             with steering_paused(model):
                 out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1],
-                            position_ids=positions[:, :-1], use_cache=True)
+                            position_ids=positions[:, :-1], use_cache=True,
+                            **shared.inputs(model, len(chunk)))
             self.batches.append((output_cache(out), ids[:, -1:], attention,
                                  positions[:, -1:]))
 
@@ -89,14 +96,18 @@ def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]] | AnswerCa
     row's last (the one a `steer` context steers). Pass an `AnswerCache` to reuse prefixes."""
     if isinstance(prompts, AnswerCache):
         logits = prompts.last_logits(model)
-    else:  # one condition only: a plain forward per batch, no cache to build and copy
+    else:  # one condition only: the shared tokens (a persona's) prefilled once, then a
+        # forward per batch over the rest
         device, out = next(model.parameters()).device, []
+        shared = SharedPrefix(model, prompts)
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                ids, attention, positions = _left_padded(prompts[start: start + batch_size],
-                                                         pad_token_id, device)
+                chunk = prompts[start: start + batch_size]
+                ids, attention, positions = _left_padded(chunk, pad_token_id, device,
+                                                         shared.length)
                 out.append(model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                                 use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+                                 use_cache=shared.length > 0, logits_to_keep=1,
+                                 **shared.inputs(model, len(chunk))).logits[:, -1].float().cpu())
         logits = torch.cat(out)
     return torch.softmax(logits[:, option_ids], dim=-1)
 

@@ -6,7 +6,7 @@ whole location prompts and split-half reliability, both from per-prompt counts
   prompts (whole prompts: the tokens of one response are correlated), delta is recomputed,
   and each shuffle's maximum delta and the histogram of all its deltas are kept. When both
   sides have as many prompts, prompt k of each shares its question and statement slot
-  (values/experiment.py: location_prompts), so the labels are swapped within each pair: the
+  (values/location.py: location_prompts), so the labels are swapped within each pair: the
   question's effect on the activations, which dwarfs the pole's, cancels. A neuron is
   above the null when its delta exceeds the 95th / 99th percentile of the shuffles' maxima
   (family-wise); the false-discovery rate at a threshold t is the mean number of null deltas

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import transformers
 
-from values.experiment import DimensionSets, SourceStats
+from values.experiment import DimensionSets
+from values.location import SourceStats
 from values.neurons import OPPOSITE, ValueNeurons
 from values.statistics import ActivationSummary, PromptCounts
 
