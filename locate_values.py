@@ -31,7 +31,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
-from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
+from entry.run import instantiate_group, run_reporting_errors  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from values.data import load_value_data  # noqa: E402
 from values.experiment import (CONTRASTS, LocateSettings, arms,  # noqa: E402

@@ -20,9 +20,9 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bench.report import log_run_summary  # noqa: E402
-from callbacks.checkpoint import CheckpointError  # noqa: E402
-from modules.entry import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
+from entry.summary import log_run_summary  # noqa: E402
+from modules.checkpoints import CheckpointError  # noqa: E402
+from entry.run import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
 from modules.policy import describe  # noqa: E402
 from samplers.base import context_length  # noqa: E402
 from samplers.memory import check_budget  # noqa: E402
@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     sampler = hydra.utils.instantiate(cfg.sampler)
     model = hydra.utils.instantiate(cfg.model, policy=policy, sampler=sampler)
-    check_budget(sampler, policy.model, cfg.model.max_new_tokens)
+    check_budget(sampler.settings, policy.model, cfg.model.max_new_tokens)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))

@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from predictors.rollouts import PredictorDataModule  # noqa: E402
 from predictors.module import PredictorModule  # noqa: E402
-from predictors.head import check_number  # noqa: E402
-from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
+from common.checks import check_number  # noqa: E402
+from entry.run import instantiate_group, run_reporting_errors  # noqa: E402
 
 log = logging.getLogger("train_predictor")
 
