@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, validate_request
-from samplers.engine import to_rollouts
-from samplers.memory import run_slots
-from samplers.scheduling import SampleQueue, fifo_order
+from samplers.base import GenerationSpec, Rollouts
+from samplers.micro import sample_in_rounds
 from samplers.slots import SlotSettings
 
 
@@ -34,7 +32,4 @@ class FullSampler:
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
-        validate_request(model, prompts, group_size, spec)
-        queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
-        result = run_slots(model, prompts, group_size, spec, queue, self.settings, rounds=True)
-        return to_rollouts(result, len(prompts), group_size, spec)
+        return sample_in_rounds(self.settings, model, prompts, group_size, spec)

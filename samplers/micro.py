@@ -37,7 +37,14 @@ class MicroSampler:
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
-        validate_request(model, prompts, group_size, spec)
-        queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
-        result = run_slots(model, prompts, group_size, spec, queue, self.settings, rounds=True)
-        return to_rollouts(result, len(prompts), group_size, spec)
+        return sample_in_rounds(self.settings, model, prompts, group_size, spec)
+
+
+def sample_in_rounds(settings: SlotSettings, model: Any, prompts: list[list[int]],
+                     group_size: int, spec: GenerationSpec) -> Rollouts:
+    """Rounds of m samples in (prompt, sample) order, each waiting for its longest member
+    (`micro`; `full` is the case m = G)."""
+    validate_request(model, prompts, group_size, spec)
+    queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
+    result = run_slots(model, prompts, group_size, spec, queue, settings, rounds=True)
+    return to_rollouts(result, len(prompts), group_size, spec)

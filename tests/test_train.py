@@ -182,7 +182,7 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
                                          target)
     script = textwrap.dedent(f"""
         import os, torch
-        from callbacks.checkpoint import AtomicCheckpointIO
+        from modules.checkpoints import AtomicCheckpointIO
         real_save = torch.save
         def dying_save(obj, handle, *args, **kwargs):
             import io

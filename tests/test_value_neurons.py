@@ -8,15 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from tests.helpers import (PLANTED, POLE_A, POLE_B, full_sampler, hooked_acts, planted_model,
-                           pole_batch, tiny_lm)
+from tests.helpers import (PLANTED, POLE_A, POLE_B, full_sampler, hooked_acts, infinite_sampler,
+                           planted_model, pole_batch, tiny_lm)
 from values.neurons import (ActivationStats, ValueNeurons, activation_probability,
                                    gated_mlps, model_signature, random_control,
                                    record_activations, select_lape, select_neurons, steer)
 from samplers.base import GenerationSpec
 from common.compat import cache_keyword, output_cache
-from samplers.infinite import InfiniteSampler
-from predictors import HistoryPredictor
 
 def test_activation_probability_matches_forward_hooks():
     model = planted_model()
@@ -222,8 +220,7 @@ def test_steered_engine_matches_steered_generate():
             expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:]
             full = full_sampler().sample(model, [prompt], 2, spec)
-            infinite = InfiniteSampler(2, probe_tokens=3, predictor=HistoryPredictor()).sample(
-                model, [prompt], 2, spec)
+            infinite = infinite_sampler(2, probe_tokens=3).sample(model, [prompt], 2, spec)
     assert not torch.equal(plain, expected)
     for rollouts in (full, infinite):
         for row in range(2):
