@@ -31,7 +31,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
-from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
+from entry.run import instantiate_group, run_and_report  # noqa: E402
 from modules.policy import describe  # noqa: E402
 from values.data import load_value_data  # noqa: E402
 from values.experiment import (CONTRASTS, LocateSettings, arms,  # noqa: E402
@@ -197,10 +197,10 @@ def cached_statistics(path: Path | None, signature: dict, sources: list[str]) ->
 @hydra.main(version_base="1.3", config_path="configs", config_name="locate_values.yaml")
 def main(cfg: DictConfig) -> float | None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run_reporting_errors(locate_values, cfg)
-    if result is None:  # a multirun job's user error: the sweep goes on
-        return None
-    metrics, _ = result
+    return run_and_report(locate_values, cfg, report)
+
+
+def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> float | None:
     print("\n" + (Path(cfg.paths.output_dir) / "summary.md").read_text())
     print(f"outputs: {cfg.paths.output_dir}")
     return metrics.get(cfg.get("optimized_metric") or "")

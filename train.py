@@ -20,9 +20,10 @@ import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bench.report import log_run_summary  # noqa: E402
-from callbacks.checkpoint import CheckpointError  # noqa: E402
-from modules.entry import instantiate_group, run_reporting_errors, user_error  # noqa: E402,F401
+from entry.summary import log_run_summary  # noqa: E402
+from modules.checkpoints import CheckpointError  # noqa: E402
+from entry.run import (instantiate_group, metric_summary, run_and_report,  # noqa: E402,F401
+                       trainer_metrics, user_error)
 from modules.policy import describe  # noqa: E402
 from samplers.base import context_length  # noqa: E402
 from samplers.memory import check_budget  # noqa: E402
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     sampler = hydra.utils.instantiate(cfg.sampler)
     model = hydra.utils.instantiate(cfg.model, policy=policy, sampler=sampler)
-    check_budget(sampler, policy.model, cfg.model.max_new_tokens)
+    check_budget(sampler.settings, policy.model, cfg.model.max_new_tokens)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -67,24 +68,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             raise
         raise CheckpointError(f"ckpt_path={str(ckpt_path)!r} {err}") from err
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         log_run_summary(cfg, loggers)  # the HPARAMS tab: settings and the run's summary row
-    objects = dict(cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
-                   callbacks=callbacks, loggers=loggers, trainer=trainer)
-    return metrics, objects
+    return trainer_metrics(trainer), dict(
+        cfg=cfg, policy=policy, datamodule=datamodule, sampler=sampler, model=model,
+        callbacks=callbacks, loggers=loggers, trainer=trainer)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
-def main(cfg: DictConfig) -> float | None:
-    result = run_reporting_errors(train, cfg)
-    if result is None:  # a multirun job's user error: the sweep goes on
-        return None
-    metrics, objects = result
+def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> float | None:
+    """What a user sees at the end: the last metrics, the reward's first and last steps."""
     trainer = objects["trainer"]
     if trainer.is_global_zero:
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                            if k.startswith(("train/reward", "train/accuracy", "val/")))
+        summary = metric_summary(metrics, ("train/reward", "train/accuracy", "val/"))
         print(f"\nfinished {trainer.global_step} steps: {summary}")
         rewards = objects["model"].reward_log
         if rewards:
@@ -95,6 +90,11 @@ def main(cfg: DictConfig) -> float | None:
         output_dir = cfg.paths.output_dir
         print(f"logs: {output_dir}\nTensorBoard: tensorboard --logdir {output_dir}/tensorboard")
     return metrics.get(cfg.get("optimized_metric") or "")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    return run_and_report(train, cfg, report)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from predictors.rollouts import PredictorDataModule  # noqa: E402
 from predictors.module import PredictorModule  # noqa: E402
-from predictors.head import check_number  # noqa: E402
-from modules.entry import instantiate_group, run_reporting_errors  # noqa: E402
+from common.checks import check_number  # noqa: E402
+from entry.run import (instantiate_group, metric_summary, run_and_report,  # noqa: E402
+                       trainer_metrics)
 
 log = logging.getLogger("train_predictor")
 
@@ -49,7 +50,7 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     module = PredictorModule(predictor)  # checks that the predictor has a trainable head
     datamodule = PredictorDataModule(
-        cfg.rollouts, cfg.probe_tokens, featurize=predictor.features, model=policy.model,
+        cfg.rollouts, cfg.probe_tokens, featurize=predictor.featurizer.features, model=policy.model,
         needs_hidden=predictor.needs_hidden, batch_size=cfg.batch_size,
         val_fraction=cfg.val_fraction, seed=cfg.seed or 0)
 
@@ -64,23 +65,21 @@ def train_predictor(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     path = cfg.predictor.get("path") or cfg.output_path
     predictor.save(path)
     log.info("saved the %s predictor to %s", predictor.name, path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    objects = dict(cfg=cfg, policy=policy, predictor=predictor, datamodule=datamodule,
-                   module=module, loggers=loggers, trainer=trainer, path=str(path))
-    return metrics, objects
+    return trainer_metrics(trainer), dict(
+        cfg=cfg, policy=policy, predictor=predictor, datamodule=datamodule, module=module,
+        loggers=loggers, trainer=trainer, path=str(path))
+
+
+def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> float:
+    summary = metric_summary(metrics, ("predictor/",))
+    print(f"\ntrained the {objects['predictor'].name} predictor: {summary}")
+    print(f"saved: {objects['path']}\nlogs: {cfg.paths.output_dir}")
+    return metrics.get("predictor/mae")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_predictor.yaml")
 def main(cfg: DictConfig) -> float | None:
-    result = run_reporting_errors(train_predictor, cfg)
-    if result is None:  # a multirun job's user error: the sweep goes on
-        return None
-    metrics, objects = result
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                        if k.startswith("predictor/"))
-    print(f"\ntrained the {objects['predictor'].name} predictor: {summary}")
-    print(f"saved: {objects['path']}\nlogs: {cfg.paths.output_dir}")
-    return metrics.get("predictor/mae")
+    return run_and_report(train_predictor, cfg, report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bench.core import CONFIGS, Bench, Table, plot_gantts, write
-from modules.entry import run_reporting_errors
+from entry.run import run_reporting_errors
 from bench.lengths import table_predictor, table_record, table_scheduler
 from bench.prompt_kv import table_prompt_kv
 from bench.sampling import table_dynamic, table_memory, table_sweep, table_throughput

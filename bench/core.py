@@ -10,7 +10,6 @@ analytical minimum of the engine samplers (KV of m slots + prompt KV + logits bu
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,15 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from callbacks.memory import GB, PeakMemory
+from common.units import GB
+from callbacks.memory import PeakMemory
 from callbacks.plots import gantt_figure
+from callbacks.sampling import sampling_metrics
 from modules.rewards import gsm8k_reward
-from predictors import LengthPredictor
+from samplers.prediction import LengthPredictor
 from samplers.base import GenerationSpec, Sampler, SlotSpan
+from common.tables import write_table
 from samplers.memory import predict_peak_bytes
-from samplers.scheduling import steps_lower_bound
 
 log = logging.getLogger("bench")
 
@@ -62,9 +63,11 @@ def sampler_config(name: str) -> DictConfig:
 
 
 def has_slots(name: str) -> bool:
-    """Whether sampler `name` decodes on m slots (its config sets `micro_group_size`); the
-    others (`full`, `hf_generate`) decode all G rows of a group at once."""
-    return "micro_group_size" in sampler_config(name)
+    """Whether sampler `name` decodes on m slots of its own (micro, continuous, infinite: its
+    slot settings name m or `auto`); `full` takes one slot per sample of a group and
+    `hf_generate` has no slots."""
+    settings = make_sampler(name).settings
+    return settings is not None and settings.micro_group_size is not None
 
 
 def make_sampler(name: str, **overrides: Any) -> Sampler:
@@ -142,22 +145,22 @@ class Bench:
                            self.spec)
         with PeakMemory(self.device) as meter:
             rollouts = sampler.sample(self.model, prompts, group_size, self.spec)
-        stats, lengths = rollouts.stats, rollouts.lengths.tolist()
+        stats, metrics = rollouts.stats, sampling_metrics(rollouts)  # what training logs
         m = stats.slots if stats.slots is not None else stats.max_concurrency
         row = dict(sampler=label, G=group_size, m=m, peak_gb=meter.peak_bytes / GB,
-                   kv_gb=stats.peak_kv_bytes / GB, avg_len=sum(lengths) / len(lengths),
-                   steps=stats.decoding_steps, lb=steps_lower_bound(lengths, m),
-                   wall_s=stats.wall_time_s, tok_s=stats.generated_tokens / stats.wall_time_s,
+                   kv_gb=metrics["memory/kv_peak_gb"], avg_len=metrics["sampling/avg_length"],
+                   steps=stats.decoding_steps, lb=int(metrics["sampling/steps_lower_bound"]),
+                   wall_s=stats.wall_time_s, tok_s=metrics["sampling/tokens_per_s"],
                    decode_s=stats.wall_time_s - stats.prefill_time_s,
-                   truncated=float((~rollouts.finished).float().mean()), **extra)
+                   truncated=metrics["sampling/clipped_ratio"], **extra)
         if self.answers[0] is not None and prompts is self.prompts:
             texts = self.tokenizer.batch_decode(
                 [ids[:n].tolist() for ids, n in zip(rollouts.completion_ids, rollouts.lengths)],
                 skip_special_tokens=True)
             owners = rollouts.prompt_index.tolist()
             row["reward"] = sum(gsm8k_reward(texts, [self.answers[p] for p in owners])) / len(texts)
-        if stats.steps_lower_bound is not None:  # infinite: the bound of its decode phase
-            row.update(probe_steps=stats.probe_steps, lb=stats.steps_lower_bound,
+        if stats.steps_lower_bound is not None:  # infinite: lb is its decode phase's bound
+            row.update(probe_steps=stats.probe_steps,
                        total_steps=stats.probe_steps + stats.decoding_steps)
         if stats.plan is not None:
             row["plan"] = stats.plan
@@ -166,9 +169,11 @@ class Bench:
         log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         return row
 
-    def floor_gb(self, slots: int) -> float:
-        """The engine's analytical peak above the weights on `slots` rows, in GiB."""
-        peak = predict_peak_bytes(self.model, self.prompts, self.spec, slots)
+    def floor_gb(self, slots: int, sampler: Sampler) -> float:
+        """The engine's analytical peak above the weights on `slots` rows, in GiB, in the
+        sampler's prompt-KV layout (`hf_generate`, which has none: the default layout's)."""
+        settings = sampler.settings or make_sampler("full").settings
+        peak = predict_peak_bytes(self.model, self.prompts, self.spec, slots, settings.layout)
         return (peak - self.weight_bytes) / GB
 
 
@@ -177,22 +182,7 @@ class Bench:
 
 def write(rows: list[Row], stem: Path, header: str) -> None:
     """`rows` as <stem>.csv and as a Markdown table under `header` in <stem>.md."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def cell(value: Any) -> str:
-    """A Markdown cell: floats to 4 significant digits, None empty."""
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    write_table(rows, stem, header)
 
 
 def plot_gantts(traces: dict[str, tuple[list[SlotSpan], int]], stem: Path) -> None:

@@ -1,4 +1,4 @@
-"""Length-aware scheduling benchmarks: Tables C and D of DESIGN.md section 8.
+"""Length-aware scheduling benchmarks: Tables C and D of docs/ARCHITECTURE.md section 8.
 
     python -m bench table=record data=chat num_prompts=16 max_new_tokens=512   # sample once
     python -m bench table=predictor data=chat max_new_tokens=512               # Table D
@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from bench.core import Bench, Row, Table, make_predictor, make_sampler, predictor_config
-from predictors import LengthPredictor
+from samplers.prediction import LengthPredictor
 from predictors.metrics import predictor_metrics
 from predictors.rollouts import examples, load_rollouts, save_rollouts
 from samplers.infinite import InfiniteSampler

@@ -26,8 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.core import Bench, Row, Table, make_sampler
-from callbacks.memory import GB
-from samplers.base import cache_keyword, output_cache, sample_tokens, uniforms
+from common.units import GB
+from common.compat import cache_keyword, output_cache
+from samplers.base import sample_tokens, uniforms
 from samplers.memory import kv_bytes_per_token
 
 

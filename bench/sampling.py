@@ -18,7 +18,8 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from bench.core import Bench, Row, Table, has_slots, make_sampler
-from callbacks.memory import GB, PeakMemory
+from common.units import GB
+from callbacks.memory import PeakMemory
 
 
 def table_memory(b: Bench) -> Table:
@@ -28,12 +29,14 @@ def table_memory(b: Bench) -> Table:
     rows = []
     for name in b.cfg.samplers:
         if not has_slots(name):
-            rows.append(b.measure(name, make_sampler(name), g, floor_gb=b.floor_gb(g),
+            sampler = make_sampler(name)
+            rows.append(b.measure(name, sampler, g, floor_gb=b.floor_gb(g, sampler),
                                   weights_gb=weights))
             continue
         for slots in sorted({m, *b.cfg.memory_sweep}):
-            rows.append(b.measure(name, make_sampler(name, micro_group_size=slots), g, slots,
-                                  floor_gb=b.floor_gb(slots), weights_gb=weights))
+            sampler = make_sampler(name, micro_group_size=slots)
+            rows.append(b.measure(name, sampler, g, slots, floor_gb=b.floor_gb(slots, sampler),
+                                  weights_gb=weights))
     return Table(rows)
 
 

@@ -137,7 +137,7 @@ class PeakRSS(pl.Callback):
 
 def run_setting(name: str, overrides: list[str], ranks: int, args: argparse.Namespace,
                 out: Path) -> dict[str, Any]:
-    from bench.report import mean, read_scalars
+    from entry.summary import mean, read_scalars
 
     run_dir = out / name.replace(", ", "_").replace(" ", "_")
     prompts = args.prompts // ranks

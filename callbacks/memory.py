@@ -32,12 +32,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from common.units import GB
+
 try:  # psutil gives the current RSS; without it only the lifetime maximum is available
     import psutil
 except ImportError:  # pragma: no cover - exercised only where psutil is absent
     psutil = None
 
-GB = float(1 << 30)
 
 
 def _maxrss_bytes() -> int:

@@ -1,7 +1,7 @@
 """Sampling metrics: decoding steps, prefill tokens, throughput, lengths and KV peak.
 
 Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training batch and logs
-`sampling/*` and `memory/kv_peak_gb` (DESIGN.md section 7). Works with any sampler.
+`sampling/*` and `memory/kv_peak_gb` (docs/ARCHITECTURE.md section 7). Works with any sampler.
 `sampling/steps_lower_bound` is max(max L, ceil(sum L / m)) over the batch with m = the
 sampler's slots (its max concurrency when it has none), or the sampler's own bound when it
 states one (`infinite`: the decode phase after its probe, logged as `sampling/probe_steps`).
@@ -16,9 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from common.units import GB
 from samplers.scheduling import steps_lower_bound
 
-GB = float(1 << 30)
 
 
 def sampling_metrics(rollouts: Any) -> dict[str, float]:

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from callbacks.checkpoint import check_compatible
+from modules.checkpoints import check_compatible
 from modules.parallel import FSDP2Strategy, gradient_sync, is_sharded, sampling_weights, \
     shard_model
 from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, batch_reward_std,
@@ -29,8 +29,8 @@ from modules.grpo_loss import (ADVANTAGE_SCALES, LOSS_MODES, aggregate_loss, bat
                                token_log_probs)
 from modules.policy import Policy
 from modules.rewards import combine_rewards
-from samplers.base import GenerationSpec, Rollouts, Sampler, check_number, check_positive, \
-    check_sampling
+from samplers.base import GenerationSpec, Rollouts, Sampler, check_sampling
+from common.checks import check_number, check_positive
 
 
 GRAD_SYNC = ("step", "micro_batch")  # gradient communication once per optimizer step or
@@ -43,28 +43,28 @@ class GRPOModule(pl.LightningModule):
         policy: Policy,
         sampler: Sampler,
         rewards: dict[str, dict[str, Any]],
-        group_size: int = 8,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        lr: float = 1e-6,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
-        beta: float = 0.0,
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
-        num_iterations: int = 1,
-        loss_type: str = "sequence_mean",
-        advantage_scale: str = "group",
-        advantage_eps: float = 1e-4,
-        mask_truncated_completions: bool = False,
-        update_micro_batch: int = 8,
-        grad_sync: str = "step",
-        accuracy_reward: str | None = "gsm8k",
-        val_max_new_tokens: int | None = None,
-        seed: int = 0,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        max_grad_norm: float,
+        beta: float,
+        epsilon_low: float,
+        epsilon_high: float,
+        num_iterations: int,
+        loss_type: str,
+        advantage_scale: str,
+        advantage_eps: float,
+        mask_truncated_completions: bool,
+        update_micro_batch: int,
+        grad_sync: str,
+        accuracy_reward: str | None,
+        val_max_new_tokens: int | None,
+        seed: int,
     ) -> None:
         super().__init__()
         check_positive("group_size", group_size)
@@ -197,7 +197,7 @@ class GRPOModule(pl.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         steering = self.steering.context(self.policy) if self.steering else nullcontext()
-        gather = getattr(self.sampler, "gather_weights", True)
+        gather = self.sampler.gather_weights
         try:  # under FSDP: weights gathered once for the phase (or in lockstep, layer by layer)
             with sampling_weights(self.policy, gather), steering:
                 return self.sampler.sample(self.policy, prompts, group_size, spec)

@@ -67,7 +67,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         (`mmap=True`), so the second costs page-cache hits, not another copy."""
         from pathlib import Path
 
-        from callbacks.checkpoint import CheckpointError, check_compatible, read_checkpoint
+        from modules.checkpoints import CheckpointError, check_compatible, read_checkpoint
 
         path = Path(self.broadcast(checkpoint_path))
         if not (path.is_dir() and (path / ".metadata").exists()):  # not a sharded folder

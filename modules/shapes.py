@@ -36,28 +36,26 @@ _QWEN3 = dict(model_type="qwen3", head_dim=128, num_key_value_heads=8, rms_norm_
               rope_theta=1_000_000.0, max_position_embeddings=40960)
 _SMOLLM2 = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=100_000.0,
                 max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def _shape(base: dict[str, Any], hidden: int, intermediate: int, layers: int, heads: int,
+           **more: Any) -> dict[str, Any]:
+    return dict(base, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, **more)
+
+
+# name -> (hidden, intermediate, layers, attention heads, other keys)
 SHAPES: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072,
-                            num_hidden_layers=28, num_attention_heads=16,
-                            tie_word_embeddings=True),
-    "Qwen/Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144,
-                            num_hidden_layers=28, num_attention_heads=16,
-                            tie_word_embeddings=True),
-    "Qwen/Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728,
-                          num_hidden_layers=36, num_attention_heads=32,
-                          tie_word_embeddings=True),
-    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288,
-                          num_hidden_layers=36, num_attention_heads=32,
-                          tie_word_embeddings=False),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(_SMOLLM2, hidden_size=576,
-                                                intermediate_size=1536, num_hidden_layers=30,
-                                                num_attention_heads=9, num_key_value_heads=3),
-    "HuggingFaceTB/SmolLM2-360M-Instruct": dict(_SMOLLM2, hidden_size=960,
-                                                intermediate_size=2560, num_hidden_layers=32,
-                                                num_attention_heads=15, num_key_value_heads=5),
-    "qwen3-tiny": dict(_QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       tie_word_embeddings=True),
+    "Qwen/Qwen3-0.6B": _shape(_QWEN3, 1024, 3072, 28, 16, tie_word_embeddings=True),
+    "Qwen/Qwen3-1.7B": _shape(_QWEN3, 2048, 6144, 28, 16, tie_word_embeddings=True),
+    "Qwen/Qwen3-4B": _shape(_QWEN3, 2560, 9728, 36, 32, tie_word_embeddings=True),
+    "Qwen/Qwen3-8B": _shape(_QWEN3, 4096, 12288, 36, 32, tie_word_embeddings=False),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _shape(_SMOLLM2, 576, 1536, 30, 9,
+                                                  num_key_value_heads=3),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": _shape(_SMOLLM2, 960, 2560, 32, 15,
+                                                  num_key_value_heads=5),
+    "qwen3-tiny": _shape(_QWEN3, 64, 128, 2, 4, num_key_value_heads=2, head_dim=16,
+                         tie_word_embeddings=True),
 }
 ALIASES = {name.split("/")[-1].lower().removesuffix("-instruct"): name for name in SHAPES}
 

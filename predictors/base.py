@@ -1,47 +1,17 @@
-"""What every length predictor takes and implements, and the helpers they share.
-
-The `infinite` sampler decodes the first k = probe_tokens tokens of every sample, hands the
-samples still running to `predict(ProbeBatch)` for their REMAINING length (full length L incl.
-EOS minus k), schedules on the predictions, and afterwards gives the true remaining lengths to
-`observe()`, so a predictor follows the policy's drifting length distribution (DESIGN.md
-section 6).
+"""What the length predictors share: saving and loading a predictor's state, and
+`LearnedPredictor`, a featurizer and a HeadLearner composed (the `hidden` and `minilm`
+predictors). The contract they implement (`LengthPredictor`,
+`ProbeBatch`) belongs to the sampler that consumes it: samplers/prediction.py.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-
-@dataclass
-class ProbeBatch:
-    prompts: list[list[int]]  # token ids of the B prompts of this sample() call
-    prompt_index: torch.Tensor  # long [n]: prompt of each sample to predict
-    sample_index: torch.Tensor  # long [n]: j within its group
-    probe_ids: list[list[int]]  # [n] the first k completion tokens of each sample (k may be 0)
-    hidden: torch.Tensor | None = None  # float [n, H]: policy's last hidden state at the last
-    # probe token (the prompt's last token when k = 0); set only when predictor.needs_hidden
-    true_remaining: torch.Tensor | None = None  # long [n]: set only when predictor.needs_oracle
-
-    def __len__(self) -> int:
-        return int(self.prompt_index.numel())
-
-
-class LengthPredictor(Protocol):
-    name: str
-    needs_hidden: bool
-    needs_oracle: bool
-
-    def bind(self, tokenizer: Any) -> None: ...
-    def predict(self, batch: ProbeBatch) -> torch.Tensor: ...  # float [n] >= 0, CPU
-    def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None: ...
-    def save(self, path: str | os.PathLike) -> None: ...
-    def load(self, path: str | os.PathLike) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+from samplers.prediction import LengthPredictor, ProbeBatch, check_rows
 
 
 def save_predictor(predictor: LengthPredictor, path: str | os.PathLike) -> None:
@@ -68,30 +38,57 @@ def load_if_exists(predictor: LengthPredictor, path: str | os.PathLike | None) -
         load_predictor(predictor, path)
 
 
-def check_rows(batch: ProbeBatch) -> int:
-    n = len(batch)
-    if batch.sample_index.numel() != n or len(batch.probe_ids) != n:
-        raise ValueError(f"ProbeBatch fields disagree: {n} prompt_index, "
-                         f"{batch.sample_index.numel()} sample_index, {len(batch.probe_ids)} "
-                         f"probe_ids")
-    return n
+class Featurizer(Protocol):
+    """What a learned predictor turns a ProbeBatch into: float features [n, F] for its
+    HeadLearner (or token ids, when the head holds a fine-tuned encoder)."""
+    needs_hidden: bool
+
+    def bind(self, tokenizer: Any) -> None: ...
+    def features(self, batch: ProbeBatch) -> torch.Tensor: ...
+    def state(self) -> dict[str, Any]: ...  # saved beside the learner's state
+    def check_state(self, state: dict[str, Any]) -> None: ...  # raise if it is not this one's
 
 
-class HeadPredictor:
-    """predict/observe of the learned predictors (`minilm`, `hidden`), which define
-    `features(batch) -> float [n, F]` and `save(path)`: the features feed their `HeadLearner`,
-    and a refit saves to `path` when `save_on_refit`."""
+class LearnedPredictor:
+    """A length predictor composed of a featurizer (`hidden`: the policy's hidden state;
+    `minilm`: a MiniLM embedding of prompt + probe) and a `HeadLearner` (predictors/head.py)
+    that maps features to remaining lengths and refits online. Loads `path` at construction
+    when it exists; with `save_on_refit` every refit saves there.
 
-    learner: Any
-    path: str | None
-    save_on_refit: bool
+        predictor = LearnedPredictor("hidden", HiddenFeatures(), HeadLearner(build))
+    """
+
+    needs_oracle = False
+
+    def __init__(self, name: str, featurizer: Featurizer, learner: Any,
+                 path: str | None = None, save_on_refit: bool = False) -> None:
+        self.name, self.featurizer, self.learner = name, featurizer, learner
+        self.needs_hidden = featurizer.needs_hidden
+        self.path, self.save_on_refit = path, save_on_refit
+        load_if_exists(self, path)
+
+    def bind(self, tokenizer: Any) -> None:
+        self.featurizer.bind(tokenizer)
 
     def predict(self, batch: ProbeBatch) -> torch.Tensor:
         if check_rows(batch) == 0:
             return torch.zeros(0, dtype=torch.float32)
-        return self.learner.predict(self.features(batch))
+        return self.learner.predict(self.featurizer.features(batch))
 
     def observe(self, batch: ProbeBatch, remaining: torch.Tensor) -> None:
-        features = self.features(batch) if check_rows(batch) else torch.zeros(0, 0)
+        features = self.featurizer.features(batch) if check_rows(batch) else torch.zeros(0, 0)
         if self.learner.observe(features, remaining) and self.path and self.save_on_refit:
             self.save(self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.featurizer.state(), "learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.featurizer.check_state(state)
+        self.learner.load_state_dict(state["learner"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_predictor(self, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        load_predictor(self, path)

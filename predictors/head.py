@@ -1,8 +1,8 @@
 """The learned part of the `minilm` and `hidden` length predictors: a small MLP head, its ONE
 training loss, and the bounded example buffer + periodic refit used for online learning.
 
-Both learned predictors (predictors/) own a `HeadLearner` (composition, no
-base class): they turn a `ProbeBatch` into a feature tensor and the learner does the rest. The
+Both learned predictors are a `LearnedPredictor` (predictors/base.py) composing a featurizer,
+which turns a `ProbeBatch` into a feature tensor, with a `HeadLearner`, which does the rest. The
 offline Lightning module (predictors/module.py) trains the same `learner.module` with the
 same `head_loss` and `make_optimizer`, so online refits and offline training optimise one
 objective.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samplers.base import check_number  # noqa: F401 - re-exported for the predictors
+from common.checks import check_number
 
 MAX_LOG = 20.0  # expm1(20) ~ 5e8 tokens: clamps a diverged head instead of returning inf
 

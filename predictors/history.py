@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from predictors.base import (ProbeBatch, check_rows, load_if_exists, load_predictor,
-                             save_predictor)
-from predictors.head import check_number
+from samplers.prediction import ProbeBatch, check_rows
+from predictors.base import load_if_exists, load_predictor, save_predictor
+from common.checks import check_number
 
 
 class HistoryPredictor:

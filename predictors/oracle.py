@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from predictors.base import ProbeBatch, check_rows, load_predictor, save_predictor
+from samplers.prediction import ProbeBatch, check_rows
+from predictors.base import load_predictor, save_predictor
 
 
 class OraclePredictor:

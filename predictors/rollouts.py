@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from samplers.base import Rollouts
-from predictors.base import ProbeBatch
-from predictors.head import check_number
+from samplers.prediction import ProbeBatch
+from common.checks import check_number
 
 FORMAT = "rollouts-v1"
 KEYS = ("prompts", "prompt_index", "sample_index", "completion_ids", "lengths", "finished")

@@ -4,16 +4,16 @@ A sampler turns B prompts into B*G completions (a group of G per prompt). Every 
 returns `Rollouts` ordered by (prompt_index, sample_index) and draws the random numbers of
 sample (i, j) from its own counter-based stream `uniforms(seed, i, j, t)`, so the same seed
 gives the same completions whatever slot, round or order a sample ran in (schedule
-invariance, DESIGN.md section 4).
+invariance, docs/ARCHITECTURE.md section 4).
 
     from samplers.base import GenerationSpec
     rollouts = sampler.sample(model, [[1, 2, 3]], group_size=8, spec=GenerationSpec(64))
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -28,6 +28,10 @@ class GenerationSpec:
     top_k: int = 0  # 0 = off
     eos_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    # called with the prompt index of each row ([n] long) before every decode forward of the
+    # engine, and with None after it: lets an activation recorder count generated tokens per
+    # prompt while they are decoded (values/statistics.py: record_decoding)
+    on_decode: Callable[[torch.Tensor | None], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -45,13 +49,16 @@ SlotSpan = tuple[int, tuple[int, int], int, int]  # (slot, (prompt, sample), fir
 
 @dataclass
 class SamplingStats:
-    decoding_steps: int  # token-emitting batched decode iterations (prefill/probe not counted)
-    prefill_passes: int  # forward passes that consumed prompt tokens
-    prefill_tokens: int  # prompt tokens run through the model (1x per prompt when shared)
-    generated_tokens: int
-    peak_kv_bytes: int  # max bytes of KV tensors alive at once, from the sampler's own tensors
-    max_concurrency: int  # max rows decoded in one step
-    wall_time_s: float
+    """What one sample() call did: written directly by the decode engine's run (or by
+    hf_generate), the samplers' own fields added after; `infinite` joins its probe and decode
+    phases with `then`."""
+    decoding_steps: int = 0  # token-emitting batched decode iterations (prefill/probe not counted)
+    prefill_passes: int = 0  # forward passes that consumed prompt tokens
+    prefill_tokens: int = 0  # prompt tokens run through the model (1x per prompt when shared)
+    generated_tokens: int = 0
+    peak_kv_bytes: int = 0  # max bytes of KV tensors alive at once, from the sampler's own tensors
+    max_concurrency: int = 0  # max rows decoded in one step
+    wall_time_s: float = 0.0
     # Set by the samplers that have them (None / empty / 0 otherwise):
     prefill_time_s: float = 0.0  # engine samplers: the part of wall_time_s spent in prefills
     slots: int | None = None  # m rows the engine decodes on (engine samplers)
@@ -64,6 +71,22 @@ class SamplingStats:
     plan: str | None = None  # infinite: the admission order taken (e.g. "fptas+lpt", "lpt")
     biased_to_short: bool = False  # continuous dynamic: the kept samples finished first
     launched: int | None = None  # continuous dynamic: samples started (>= those returned)
+
+    def then(self, later: SamplingStats) -> SamplingStats:
+        """This phase followed by `later` on the same slots (infinite: probe, then decode):
+        `later`'s decoding steps (this one's are its probe_steps), prefills and tokens summed,
+        peaks and concurrency at their maximum, `later`'s trace shifted past this phase."""
+        shift = self.decoding_steps
+        return dataclasses.replace(
+            later, probe_steps=shift,
+            prefill_passes=self.prefill_passes + later.prefill_passes,
+            prefill_tokens=self.prefill_tokens + later.prefill_tokens,
+            prefill_time_s=self.prefill_time_s + later.prefill_time_s,
+            generated_tokens=self.generated_tokens + later.generated_tokens,
+            peak_kv_bytes=max(self.peak_kv_bytes, later.peak_kv_bytes),
+            max_concurrency=max(self.max_concurrency, later.max_concurrency),
+            slot_trace=self.slot_trace + [(slot, sample, a + shift, b + shift)
+                                          for slot, sample, a, b in later.slot_trace])
 
 
 @dataclass
@@ -82,9 +105,13 @@ class Rollouts:
 
 @runtime_checkable
 class Sampler(Protocol):
-    """What `GRPOModule` (and the benchmarks) rely on; `SamplerBase` gives the defaults.
+    """What `GRPOModule`, the value experiments and the benchmarks read of a sampler (every
+    sampler is a plain class that has all of it; its settings' defaults are its config's).
 
-    - `sample`: B prompts -> B x G completions (DESIGN.md section 4).
+    - `sample`: B prompts -> B x G completions (docs/ARCHITECTURE.md section 4).
+    - `settings`: the slot settings of an engine sampler (samplers/slots.py: m or `auto`, the
+      memory budget, the prompt-KV layout), None for `hf_generate`.
+    - `gather_weights`: under trainer=fsdp, gather the policy once per sampling phase.
     - `predictor`: the length predictor it schedules with (`infinite`), or None. Its state is
       saved in, and restored from, the training checkpoint.
     - `learning`: set False while the caller samples another distribution than training's
@@ -93,6 +120,8 @@ class Sampler(Protocol):
       prompts and probes with it).
     """
 
+    settings: Any | None
+    gather_weights: bool
     predictor: Any | None
     learning: bool
 
@@ -101,17 +130,6 @@ class Sampler(Protocol):
     def sample(
         self, model: Any, prompts: list[list[int]], group_size: int, spec: GenerationSpec
     ) -> Rollouts: ...
-
-
-class SamplerBase:
-    """The Sampler protocol's defaults for a sampler without a length predictor."""
-
-    predictor: Any | None = None
-    learning: bool = True
-    gather_weights: bool = True  # trainer=fsdp: decode on weights gathered once per phase
-
-    def bind(self, tokenizer: Any) -> None:
-        """Nothing to bind: only length predictors read text."""
 
 
 # ----------------------------------------------------------------------------- validation
@@ -141,7 +159,7 @@ def check_sampling(temperature: Any, top_p: Any, top_k: Any) -> None:
 def validate_request(
     model: Any, prompts: Sequence[Sequence[int]], group_size: int, spec: GenerationSpec
 ) -> None:
-    """Raise a ValueError that names the bad argument (DESIGN.md section 4)."""
+    """Raise a ValueError that names the bad argument (docs/ARCHITECTURE.md section 4)."""
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if spec.max_new_tokens < 1:
@@ -179,45 +197,6 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return tensor.dtype
-
-
-def cache_keyword(model: Any) -> str:
-    """The forward's name for a KV cache argument: `cache` in recent transformers 5 releases
-    (`past_key_values` is deprecated there, with a warning at every call), else
-    `past_key_values`. A PEFT wrapper is looked through to its base model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = getattr(base, "forward", None)
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out: Any) -> Any:
-    """The KV cache a forward (or generate) returned: `out.cache` in recent transformers 5
-    releases, `out.past_key_values` before (now a deprecated alias that warns)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def check_positive(name: str, value: Any) -> int:
-    """Validate an int >= 1 config value such as micro_group_size."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_number(name: str, value: Any, minimum: float, integer: bool = False,
-                 strict: bool = False) -> Any:
-    """Raise a ValueError naming `name` unless value >= minimum (> minimum when strict)."""
-    kinds = (int,) if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kinds)
-    if bad or (value <= minimum if strict else value < minimum):
-        rule = f"{'>' if strict else '>='} {minimum}"
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} {rule}, "
-                         f"got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- random streams

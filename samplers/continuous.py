@@ -18,26 +18,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
+from samplers.base import GenerationSpec, Rollouts, validate_request
 from samplers.engine import to_rollouts
-from samplers.kv import check_prompt_kv
-from samplers.memory import check_slots, run_slots
+from samplers.memory import run_slots
 from samplers.scheduling import DynamicQueue, SampleQueue, fifo_order
+from samplers.slots import SlotSettings
 
 MODES = ("fixed", "dynamic")
 
 
-class ContinuousSampler(SamplerBase):
-    def __init__(self, micro_group_size: int | str = 8, mode: str = "fixed",
-                 memory_budget_gb: float | None = None, prompt_kv: str = "shared",
-                 gather_weights: bool = True) -> None:
-        self.gather_weights = bool(gather_weights)
+class ContinuousSampler:
+    predictor = None
+    learning = True
+
+    def __init__(self, micro_group_size: int | str, mode: str, memory_budget_gb: float | None,
+                 prompt_kv: str, gather_weights: bool) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        check_slots(micro_group_size, memory_budget_gb)
-        check_prompt_kv(prompt_kv)
-        self.micro_group_size, self.mode = micro_group_size, mode
-        self.memory_budget_gb, self.prompt_kv = memory_budget_gb, prompt_kv
+        self.settings = SlotSettings(micro_group_size, memory_budget_gb, prompt_kv,
+                                     gather_weights)
+        self.mode, self.gather_weights = mode, gather_weights
+
+    def bind(self, tokenizer: Any) -> None:
+        """Nothing to bind: only length predictors read text."""
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
@@ -45,13 +48,13 @@ class ContinuousSampler(SamplerBase):
         dynamic = self.mode == "dynamic"
         queue = (DynamicQueue(len(prompts), group_size) if dynamic
                  else SampleQueue(fifo_order(len(prompts), group_size), rounds=False))
-        result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
-                           self.memory_budget_gb, self.prompt_kv)
+        result = run_slots(model, prompts, group_size, spec, queue, self.settings)
         if not dynamic:
             return to_rollouts(result, len(prompts), group_size, spec)
+        result.stats.biased_to_short = True
+        result.stats.launched = sum(queue.launched)
         order = finish_ranks(result.finish_order, group_size)
-        return to_rollouts(result, len(prompts), group_size, spec, order, biased_to_short=True,
-                           launched=sum(queue.launched))
+        return to_rollouts(result, len(prompts), group_size, spec, order)
 
 
 def finish_ranks(finish_order: list[tuple[int, int]], group_size: int) -> dict:

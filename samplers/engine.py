@@ -1,13 +1,9 @@
 """Decode engine over a transformers causal LM: prefill once, slot KV cache, step, refill.
 
 The engine owns m slot rows of KV memory (samplers/kv.py). Each prompt is prefilled once (with
-`logits_to_keep=1`) and its KV kept in a store. Two layouts (`prompt_kv`):
-- shared (default): a row holds its sample's completion KV only (max_new_tokens columns); the
-  store keeps each live prompt's KV once, until its last sample ends, and the decode attention
-  is prompt part + completion part merged by log-sum-exp (samplers/prefix_attention.py), one
-  prefix product per prompt for all its rows;
-- copied: a row holds its prompt's KV in its first P columns, then its own tokens (longest
-  prompt + max_new_tokens columns), decoded by the model's own attention.
+`logits_to_keep=1`) and its KV kept in a store. Where a prompt's KV lives is the layout's
+business (samplers/layout.py, `prompt_kv`): `shared` keeps it once in the store and merges it
+into the decode attention; `copied` copies it into the first columns of each of its rows.
 Positions and the float 0/-inf masks are per row (sliding-window layers get their own), so rows
 of different prompts and ages decode side by side. A finished slot is refilled at the next
 step with whatever the queue hands out, without any new prompt prefill.
@@ -36,18 +32,18 @@ same streams) and takes L - k row-steps in the second run.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
-from contextvars import ContextVar
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
 import torch
 
-from samplers.base import (GenerationSpec, Rollouts, SamplingStats, cache_keyword, decoding_mode,
-                           pack_rollouts, sample_tokens, uniforms)
-from samplers.kv import PromptKV, SlotCache, Suspended, check_prompt_kv, kv_geometry, prefill
-from samplers.prefix_attention import (SharedPrefix, layer_windows, prompt_groups,
-                                       shared_prefix_implementation, windowed_masks)
+from common.compat import cache_keyword
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, decoding_mode, pack_rollouts,
+                           sample_tokens, uniforms)
+from samplers.kv import PromptKV, SlotCache, Suspended, kv_geometry, prefill
+from samplers.layout import KVLayout
+from samplers.prefix_attention import layer_windows
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -56,11 +52,6 @@ SampleId = tuple[int, int]  # (prompt index, sample index)
 # 1 row, 36 ms at 3 and 7 rows, 19 ms at 4 and 17 ms at 8 (2 cores). Rows retire one by one, so
 # the engine pads the head's input to a multiple of HEAD_ROWS rows on CPU (padded_head).
 HEAD_ROWS = 4
-
-# The prompt index of each row of the decode forward in progress ([n] long), None outside one:
-# what lets an activation recorder count generated tokens per prompt while they are decoded
-# (values/statistics.py: record_decoding), with no second forward over the responses.
-DECODING_PROMPTS: ContextVar[torch.Tensor | None] = ContextVar("decoding_prompts", default=None)
 
 
 class Queue(Protocol):
@@ -71,22 +62,13 @@ class Queue(Protocol):
 
 @dataclass
 class EngineResult:
-    completions: dict[SampleId, list[int]]  # finished samples, tokens incl. EOS
-    finished: dict[SampleId, bool]  # True = ended with EOS
-    finish_order: list[SampleId]
-    cancelled: list[SampleId]
-    decoding_steps: int
-    prefill_passes: int
-    prefill_tokens: int
-    peak_kv_bytes: int
-    max_concurrency: int
-    slot_trace: list[tuple[int, SampleId, int, int]]  # (slot, sample, start step, end step)
-    wall_time_s: float
-    prefill_time_s: float = 0.0  # the part of wall_time_s spent in prompt forwards
-    slots: int | None = None
-    predicted_peak_bytes: int | None = None  # set by the samplers that plan memory
-    predicted_sampling_bytes: int | None = None
-    suspended: dict[SampleId, Suspended] = field(default_factory=dict)
+    """The samples of one engine run and its statistics (written as it runs)."""
+    completions: dict[SampleId, list[int]] = field(default_factory=dict)  # tokens incl. EOS
+    finished: dict[SampleId, bool] = field(default_factory=dict)  # True = ended with EOS
+    finish_order: list[SampleId] = field(default_factory=list)
+    cancelled: list[SampleId] = field(default_factory=list)
+    suspended: dict[SampleId, Suspended] = field(default_factory=dict)  # parked by the probe
+    stats: SamplingStats = field(default_factory=SamplingStats)
 
 
 class DecodeEngine:
@@ -98,17 +80,14 @@ class DecodeEngine:
     """
 
     def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
-                 slots: int, store: dict[int, PromptKV] | None = None,
+                 slots: int, layout: KVLayout, store: dict[int, PromptKV] | None = None,
                  capture_hidden: bool = False, suspend_after: int | None = None,
-                 resume: dict[SampleId, Suspended] | None = None,
-                 prompt_kv: str = "shared") -> None:
-        check_prompt_kv(prompt_kv)
+                 resume: dict[SampleId, Suspended] | None = None) -> None:
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
+        self.layout = layout
         self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
-        self.shared = prompt_kv == "shared"
-        # shared: slot rows hold completion KV only; copied: prompt + completion
-        self.capacity = spec.max_new_tokens + (0 if self.shared else max(map(len, prompts)))
+        self.capacity = layout.capacity(max(map(len, prompts)), spec.max_new_tokens)
         self.eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=self.device)
         self.reach = max(map(len, prompts)) + spec.max_new_tokens  # positions are < reach
         # windowed masks are needed only where a window is shorter than the sequence
@@ -125,8 +104,35 @@ class DecodeEngine:
             return _Run(self, queue).loop(start)
 
 
+class Rows:
+    """The per-row state of a run: every table's dim 0 is a slot row. `move(src, dst)` copies
+    row src into row dst in all of them at once, so a new per-row table added to `tables`
+    moves (and frees) with the others."""
+
+    def __init__(self, slots: int, max_new_tokens: int, device: torch.device) -> None:
+        long = dict(dtype=torch.long, device=device)
+        self.sample: list[SampleId | None] = [None] * slots
+        self.started = [0] * slots  # the step each row's sample was placed
+        self.prompt_len = torch.zeros(slots, **long)
+        self.generated = torch.zeros(slots, **long)  # tokens so far
+        self.prompt_id = torch.zeros(slots, **long)
+        self.sample_id = torch.zeros(slots, **long)
+        self.tokens = torch.zeros(slots, max_new_tokens, **long)
+        self.pending = torch.zeros(slots, dtype=torch.bool, device=device)  # resumed, not fed
+        self.tables: list[Any] = [self.sample, self.started, self.prompt_len, self.generated,
+                                  self.prompt_id, self.sample_id, self.tokens, self.pending]
+
+    def add(self, *tables: Any) -> None:
+        """More per-row tables (the logits, hidden states, the cache's K and V per layer)."""
+        self.tables.extend(tables)
+
+    def move(self, src: int, dst: int, *extra: torch.Tensor) -> None:
+        for table in (*self.tables, *extra):
+            table[dst] = table[src]
+
+
 class _Run:
-    """State of one engine run: per-row tables, prompt KV store, outputs.
+    """State of one engine run: the rows, prompt KV store, the result being written.
 
     Invariant: the running samples occupy rows [0, n) exactly; a retired row is filled by
     moving the last running row into it (one row copy per retirement), so every forward runs
@@ -137,23 +143,17 @@ class _Run:
         self.e, self.queue = engine, queue
         m, dev = engine.slots, engine.device
         self.n = 0  # running rows
-        self.sample: list[SampleId | None] = [None] * m
+        self.rows = Rows(m, engine.spec.max_new_tokens, dev)
         self.slot = list(range(m))  # logical slot id of each row (what the Gantt chart shows)
-        self.started = [0] * m
         self.row_of: dict[SampleId, int] = {}
-        self.prompt_len = torch.zeros(m, dtype=torch.long, device=dev)
-        self.generated = torch.zeros(m, dtype=torch.long, device=dev)  # tokens so far
-        self.prompt_id = torch.zeros(m, dtype=torch.long, device=dev)
-        self.sample_id = torch.zeros(m, dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(m, engine.spec.max_new_tokens, dtype=torch.long, device=dev)
-        self.pending = torch.zeros(m, dtype=torch.bool, device=dev)  # resumed, token not fed
         self.any_pending = False
         self.keep_store = engine.shared_store is not None
         self.store: dict[int, PromptKV] = engine.shared_store if self.keep_store else {}
         self.cache: SlotCache | None = None
         self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
         self.hidden: torch.Tensor | None = None  # [m, H] with capture_hidden
-        self.result = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0, slots=engine.slots)
+        self.result = EngineResult(stats=SamplingStats(slots=engine.slots))
+        self.stats = self.result.stats
         if self.store:
             self.allocate(next(iter(self.store.values())))
 
@@ -164,9 +164,9 @@ class _Run:
             start = time.perf_counter()
             self.store[i] = prefill(self.e.model, self.e.prompts[i], self.e.device,
                                     self.e.capture_hidden)
-            self.result.prefill_time_s += time.perf_counter() - start
-            self.result.prefill_passes += 1
-            self.result.prefill_tokens += len(self.e.prompts[i])
+            self.stats.prefill_time_s += time.perf_counter() - start
+            self.stats.prefill_passes += 1
+            self.stats.prefill_tokens += len(self.e.prompts[i])
             if self.cache is None:
                 self.allocate(self.store[i])
         return self.store[i]
@@ -179,33 +179,35 @@ class _Run:
         self.cache = SlotCache(make(), make())
         self.logits = torch.zeros(self.e.slots, first.logits.shape[-1], device=self.e.device,
                                   dtype=first.logits.dtype)
+        self.rows.add(self.logits, *self.cache.keys, *self.cache.values)
         if self.e.capture_hidden:
             self.hidden = torch.zeros(self.e.slots, first.hidden.shape[-1],
                                       device=self.e.device, dtype=first.hidden.dtype)
+            self.rows.add(self.hidden)
 
     def place(self, sample: SampleId, step: int) -> None:
         i, j = sample
         kv = self.prompt_kv(i)
-        row, length = self.n, len(self.e.prompts[i])
-        start = 0 if self.e.shared else length  # the row's first completion column
-        if not self.e.shared:
+        row, length, rows = self.n, len(self.e.prompts[i]), self.rows
+        start = self.e.layout.first_column(length)  # the row's first completion column
+        if self.e.layout.holds_prompt():
             for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
                 self.cache.keys[layer][row, :, :length] = k
                 self.cache.values[layer][row, :, :length] = v
         self.logits[row] = kv.logits
         if self.hidden is not None:
             self.hidden[row] = kv.hidden
-        self.sample[row], self.started[row], self.row_of[sample] = sample, step, row
-        self.prompt_len[row], self.generated[row] = length, 0
-        self.prompt_id[row], self.sample_id[row] = i, j
+        rows.sample[row], rows.started[row], self.row_of[sample] = sample, step, row
+        rows.prompt_len[row], rows.generated[row] = length, 0
+        rows.prompt_id[row], rows.sample_id[row] = i, j
         state = self.e.resume.pop(sample, None)
         if state is not None:  # a probed sample: its KV, tokens, and the pending last token
             k = len(state.tokens) - 1
             for layer, (key, value) in enumerate(zip(state.keys, state.values)):
                 self.cache.keys[layer][row, :, start: start + k] = key
                 self.cache.values[layer][row, :, start: start + k] = value
-            self.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
-            self.generated[row], self.pending[row], self.any_pending = k, True, True
+            rows.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
+            rows.generated[row], rows.pending[row], self.any_pending = k, True, True
             if self.hidden is not None and state.hidden is not None:
                 self.hidden[row] = state.hidden
         self.n += 1
@@ -219,16 +221,15 @@ class _Run:
             for sample in self.queue.admit(m - self.n, self.n):
                 self.place(sample, step)
             self.track_memory()
-            if not self.keep_store and not self.e.shared:
-                for i in [i for i in self.store if self.queue.remaining(i) == 0]:
-                    self.store.pop(i)  # every sample of prompt i was placed and holds a copy
+            self.release_prompts()  # copied: the prompts whose samples were all placed
             if self.n == 0:
                 break
-            self.result.max_concurrency = max(self.result.max_concurrency, self.n)
+            self.stats.max_concurrency = max(self.stats.max_concurrency, self.n)
             self.decode(step)
             step += 1
-        self.result.decoding_steps = step
-        self.result.wall_time_s = time.perf_counter() - start
+        self.stats.decoding_steps = step
+        self.stats.generated_tokens = sum(map(len, self.result.completions.values()))
+        self.stats.wall_time_s = time.perf_counter() - start
         return self.result
 
     def track_memory(self) -> None:
@@ -236,35 +237,35 @@ class _Run:
             live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
             live += sum(s.nbytes for s in (*self.e.resume.values(),
                                            *self.result.suspended.values()))
-            self.result.peak_kv_bytes = max(self.result.peak_kv_bytes, live)
+            self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, live)
 
     def decode(self, step: int) -> None:
         """Sample one token for every running row, retire the finished, forward the rest."""
-        spec, n = self.e.spec, self.n
-        t = self.generated[:n].clone()  # [n]; generated is updated in place below
-        u = uniforms(spec.seed, self.prompt_id[:n], self.sample_id[:n], t)
+        spec, n, r = self.e.spec, self.n, self.rows
+        t = r.generated[:n].clone()  # [n]; generated is updated in place below
+        u = uniforms(spec.seed, r.prompt_id[:n], r.sample_id[:n], t)
         rows = torch.arange(n, device=self.e.device)
         next_tokens = sample_tokens(self.logits[:n], u, spec)  # [n]
         if self.any_pending:  # rows resumed at this step: their token k is already known
-            next_tokens = torch.where(self.pending[:n], self.tokens[rows, t], next_tokens)
-            self.pending[:n], self.any_pending = False, False
-        self.tokens[rows, t] = next_tokens
-        self.generated[:n] = t + 1
+            next_tokens = torch.where(r.pending[:n], r.tokens[rows, t], next_tokens)
+            r.pending[:n], self.any_pending = False, False
+        r.tokens[rows, t] = next_tokens
+        r.generated[:n] = t + 1
         ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [n]
         feed = next_tokens.clone()
-        for sample in [self.sample[r] for r in ended.nonzero().flatten().tolist()]:
+        for sample in [r.sample[k] for k in ended.nonzero().flatten().tolist()]:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
         if self.e.suspend_after is not None:  # probe: park rows that sampled token k
-            rows = (self.generated[: self.n] == self.e.suspend_after + 1).nonzero().flatten()
-            for sample in [self.sample[r] for r in rows.tolist()]:  # one device sync
+            rows = (r.generated[: self.n] == self.e.suspend_after + 1).nonzero().flatten()
+            for sample in [r.sample[k] for k in rows.tolist()]:  # one device sync
                 self.suspend(sample, step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
 
     def retire(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
-        tokens = self.tokens[row, : int(self.generated[row])].tolist()
+        tokens = self.rows.tokens[row, : int(self.rows.generated[row])].tolist()
         self.result.completions[sample] = tokens
         self.result.finished[sample] = tokens[-1] in self.e.spec.eos_token_ids
         self.result.finish_order.append(sample)
@@ -275,69 +276,59 @@ class _Run:
         self.release_prompts()
 
     def release_prompts(self) -> None:
-        """Drop the prompt KV nobody needs any more: copied, once every sample of the prompt was
-        placed (each holds a copy); shared, once none is pending or running. A caller-owned store
+        """Drop the prompt KV nobody needs any more, as the layout says (copied: every sample
+        of the prompt was placed; shared: none is pending or running). A caller-owned store
         keeps its prompts (the caller runs them again, e.g. `infinite`'s decode phase)."""
         if self.keep_store:
             return
-        running = {s[0] for s in self.sample[: self.n]} if self.e.shared else set()
-        for i in [i for i in self.store if self.queue.remaining(i) == 0 and i not in running]:
+        running = {s[0] for s in self.rows.sample[: self.n]}
+        for i in [i for i in self.store if self.e.layout.releasable(self.queue.remaining(i),
+                                                                     i in running)]:
             self.store.pop(i)
 
     def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
-        start = 0 if self.e.shared else int(self.prompt_len[row])
-        k = int(self.generated[row]) - 1
+        start = self.e.layout.first_column(int(self.rows.prompt_len[row]))
+        k = int(self.rows.generated[row]) - 1
         self.result.suspended[sample] = Suspended(
             [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
             [values[row, :, start: start + k].clone() for values in self.cache.values],
-            self.tokens[row, : k + 1].tolist(),
+            self.rows.tokens[row, : k + 1].tolist(),
             None if self.hidden is None else self.hidden[row].clone())
         self.free(row, step, feed)
         self.track_memory()
 
     def free(self, row: int, step: int, feed: torch.Tensor) -> None:
         """Release `row`, then move the last running row into it to keep rows [0, n) dense."""
-        sample = self.sample[row]
-        self.result.slot_trace.append((self.slot[row], sample, self.started[row], step))
+        rows = self.rows
+        sample = rows.sample[row]
+        self.stats.slot_trace.append((self.slot[row], sample, rows.started[row], step))
         del self.row_of[sample]
         last = self.n - 1
         if row != last:
-            for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[row] = keys[last]
-                values[row] = values[last]
-            for table in (self.prompt_len, self.generated, self.prompt_id, self.sample_id,
-                          self.tokens, self.logits, self.pending, feed,
-                          *([] if self.hidden is None else [self.hidden])):
-                table[row] = table[last]
-            self.sample[row], self.started[row] = self.sample[last], self.started[last]
+            rows.move(last, row, feed)
             self.slot[row], self.slot[last] = self.slot[last], self.slot[row]
-            self.row_of[self.sample[row]] = row
-        self.sample[last] = None
+            self.row_of[rows.sample[row]] = row
+        rows.sample[last] = None
         self.n = last
 
     def forward(self, feed: torch.Tensor) -> None:
         """One batched forward over the running rows [0, n) (a prefix view of the cache)."""
-        n = self.n
-        fed = self.generated[:n] - 1  # completion column of the token fed
-        positions = self.prompt_len[:n] + fed
-        columns = fed if self.e.shared else positions  # where its KV goes in the slot row
+        n, rows = self.n, self.rows
+        fed = rows.generated[:n] - 1  # completion column of the token fed
+        positions = rows.prompt_len[:n] + fed
+        columns = self.e.layout.first_column(rows.prompt_len[:n]) + fed  # its KV's slot column
         width = int(columns.max()) + 1
         valid = torch.arange(width, device=self.e.device)[None, :] <= columns[:, None]
         mask = torch.zeros(valid.shape, dtype=self.cache.keys[0].dtype, device=self.e.device)
         mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]  # [n, 1, 1, W]
         self.cache.rows, self.cache.write_cols, self.cache.width = n, columns, width
-        extra, context = {}, nullcontext()
-        if not self.e.shared and self.e.windowed:
-            mask = windowed_masks(self.e.model.config, mask, positions)
-        if self.e.shared:
-            extra["shared_prefix"] = SharedPrefix(
-                {i: kv.keys for i, kv in self.store.items()},
-                {i: kv.values for i, kv in self.store.items()},
-                prompt_groups(self.prompt_id[:n]), self.prompt_len[:n], fed, mask,
-                reach=self.e.reach)
-            context = shared_prefix_implementation(self.e.model)
-        rows = DECODING_PROMPTS.set(self.prompt_id[:n])
+        mask, extra, context = self.e.layout.decode_inputs(
+            self.e.model, self.store, rows.prompt_id[:n], rows.prompt_len[:n], fed, mask,
+            self.e.windowed, self.e.reach)
+        observe = self.e.spec.on_decode  # an activation recorder's rows -> prompts
+        if observe is not None:
+            observe(rows.prompt_id[:n])
         try:
             with context:
                 out = self.e.model(input_ids=feed[:, None], position_ids=positions[:, None],
@@ -345,7 +336,8 @@ class _Run:
                                    output_hidden_states=self.hidden is not None,
                                    **{self.e.cache_keyword: self.cache}, **extra)
         finally:
-            DECODING_PROMPTS.reset(rows)
+            if observe is not None:
+                observe(None)
         self.logits[:n] = out.logits[:, -1].to(self.logits.dtype)
         if self.hidden is not None:
             self.hidden[:n] = out.hidden_states[-1][:, -1].to(self.hidden.dtype)
@@ -383,30 +375,14 @@ def padded_head(model: Any, multiple: int) -> Iterator[None]:
 
 
 def to_rollouts(result: EngineResult, num_prompts: int, group_size: int,
-                spec: GenerationSpec, order: dict[SampleId, int] | None = None,
-                **fields: Any) -> Rollouts:
-    """Pack an engine run into Rollouts ordered by (prompt, sample).
+                spec: GenerationSpec, order: dict[SampleId, int] | None = None) -> Rollouts:
+    """Pack an engine run into Rollouts ordered by (prompt, sample), with its stats.
 
-    `order` maps each kept sample to its row index within its group (default: its own j);
-    `fields` are further `SamplingStats` fields the sampler states (probe_steps, plan, ...).
+    `order` maps each kept sample to its row index within its group (default: its own j).
     """
     keep = order or {(i, j): j for i in range(num_prompts) for j in range(group_size)}
     rows = sorted(keep, key=lambda s: (s[0], keep[s]))
-    stats = SamplingStats(
-        decoding_steps=result.decoding_steps,
-        prefill_passes=result.prefill_passes,
-        prefill_tokens=result.prefill_tokens,
-        generated_tokens=sum(len(t) for t in result.completions.values()),
-        peak_kv_bytes=result.peak_kv_bytes,
-        max_concurrency=result.max_concurrency,
-        wall_time_s=result.wall_time_s,
-        prefill_time_s=result.prefill_time_s,
-        slots=result.slots,
-        slot_trace=result.slot_trace,
-        predicted_peak_bytes=result.predicted_peak_bytes,
-        predicted_sampling_bytes=result.predicted_sampling_bytes,
-        **fields,
-    )
     pad = spec.eos_token_ids[0] if spec.eos_token_ids else 0
     return pack_rollouts([result.completions[s] for s in rows],
-                         [result.finished[s] for s in rows], num_prompts, group_size, stats, pad)
+                         [result.finished[s] for s in rows], num_prompts, group_size,
+                         result.stats, pad)

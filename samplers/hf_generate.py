@@ -15,15 +15,25 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from samplers.base import (GenerationSpec, Rollouts, SamplerBase, SamplingStats, decoding_mode,
-                           kv_bytes, output_cache, pack_rollouts, truncate_at_eos, validate_request)
+from samplers.base import (GenerationSpec, Rollouts, SamplingStats, decoding_mode, kv_bytes,
+                           pack_rollouts, truncate_at_eos, validate_request)
+from common.compat import output_cache
 
 
-class HFGenerateSampler(SamplerBase):
+class HFGenerateSampler:
     """One `generate` call per prompt on G copies of it."""
 
-    def __init__(self, gather_weights: bool = True) -> None:
-        self.gather_weights = bool(gather_weights)
+    settings = None  # no slots: generate() decodes the G copies of a prompt together
+    predictor = None
+    learning = True
+
+    def __init__(self, gather_weights: bool) -> None:
+        if not isinstance(gather_weights, bool):
+            raise ValueError(f"gather_weights must be true or false, got {gather_weights!r}")
+        self.gather_weights = gather_weights
+
+    def bind(self, tokenizer: Any) -> None:
+        """Nothing to bind: only length predictors read text."""
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:

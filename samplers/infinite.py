@@ -21,7 +21,7 @@ One `sample()` call (B prompts x G samples, m slots):
 Every sample draws its tokens from its own stream, so the completions equal `full`'s for the
 same seed (schedule invariance); scheduling changes only decoding steps and wall time.
 `stats.steps_lower_bound` is max(max r, ceil(sum r / m)) over the remaining lengths r of
-the decode phase (probe steps counted apart, DESIGN.md section 6).
+the decode phase (probe steps counted apart, docs/ARCHITECTURE.md section 6).
 
     python train.py sampler=infinite predictor=hidden sampler.refill=lpt sampler.probe_tokens=8
 """
@@ -32,27 +32,26 @@ from typing import Any
 
 import torch
 
-from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, SamplerBase, decoding_mode,
-                           sample_tokens, uniforms, validate_request)
-from predictors import HistoryPredictor, LengthPredictor, ProbeBatch
+from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, decoding_mode, sample_tokens,
+                           uniforms, validate_request)
 from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
-from samplers.kv import PromptKV, Suspended, check_prompt_kv, prefill
-from samplers.memory import check_slots, format_bytes, kv_bytes_per_token, predict_peak_bytes, \
-    resolve_slots, weight_bytes
+from samplers.kv import PromptKV, Suspended, prefill
+from samplers.memory import kv_bytes_per_token, predict_peak_bytes, weight_bytes
+from samplers.prediction import LengthPredictor, ProbeBatch
 from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
                                  planned_order, refill_order, steps_lower_bound)
+from samplers.slots import SlotSettings
 
 GROUPINGS = ("fptas", "none")
 
 
-class InfiniteSampler(SamplerBase):
-    def __init__(self, micro_group_size: int | str = 8, memory_budget_gb: float | None = None,
-                 probe_tokens: int = 8, refill: str = "lpt", grouping: str = "fptas",
-                 epsilon: float = 0.1, predictor: LengthPredictor | None = None,
-                 prompt_kv: str = "shared", gather_weights: bool = True) -> None:
-        self.gather_weights = bool(gather_weights)
-        check_slots(micro_group_size, memory_budget_gb)
-        self.prompt_kv = check_prompt_kv(prompt_kv)
+class InfiniteSampler:
+    def __init__(self, micro_group_size: int | str, memory_budget_gb: float | None,
+                 probe_tokens: int, refill: str, grouping: str, epsilon: float,
+                 predictor: LengthPredictor, prompt_kv: str, gather_weights: bool) -> None:
+        self.settings = SlotSettings(micro_group_size, memory_budget_gb, prompt_kv,
+                                     gather_weights)
+        self.gather_weights = gather_weights
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) \
                 or probe_tokens < 0:
             raise ValueError(f"probe_tokens must be an int >= 0, got {probe_tokens!r}")
@@ -62,10 +61,12 @@ class InfiniteSampler(SamplerBase):
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
         if not 0 < epsilon < 1:
             raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
-        self.micro_group_size, self.memory_budget_gb = micro_group_size, memory_budget_gb
         self.probe_tokens, self.refill, self.grouping = probe_tokens, refill, grouping
         self.epsilon = epsilon
-        self.predictor = predictor if predictor is not None else HistoryPredictor()
+        if predictor is None:
+            raise ValueError("sampler.predictor is null: the infinite sampler needs a length "
+                             "predictor (predictor=history|oracle|minilm|hidden)")
+        self.predictor = predictor
         # False while the caller samples another distribution than training's (greedy
         # validation): the predictor then predicts but is not refitted on those lengths.
         self.learning = True
@@ -78,6 +79,7 @@ class InfiniteSampler(SamplerBase):
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
         m = self.slots(model, prompts, group_size, spec)
+        layout = self.settings.layout
         start = time.perf_counter()
         with decoding_mode(model):
             done, parked, store = self.probe(model, prompts, group_size, spec, m)
@@ -85,8 +87,8 @@ class InfiniteSampler(SamplerBase):
             batch = self.probe_batch(prompts, samples, parked)
             if self.predictor.needs_oracle:  # ablation only: a pre-pass with the same streams
                 oracle_start = time.perf_counter()
-                prepass = DecodeEngine(model, prompts, spec, m, store=store, resume=parked,
-                                       prompt_kv=self.prompt_kv).run(SampleQueue(samples))
+                prepass = DecodeEngine(model, prompts, spec, m, layout, store=store,
+                                       resume=parked).run(SampleQueue(samples))
                 batch.true_remaining = remaining_lengths(prepass, samples, self.probe_tokens)
                 oracle_s = time.perf_counter() - oracle_start
             # no sample can have more than max_new_tokens - k tokens left: a learned head
@@ -95,20 +97,28 @@ class InfiniteSampler(SamplerBase):
                 0, max(0, spec.max_new_tokens - self.probe_tokens))  # [n]
             plan, ranks = self.order(predicted.tolist(), m)
             order = [samples[x] for x in ranks]
-            main = DecodeEngine(model, prompts, spec, m, store=store, prompt_kv=self.prompt_kv,
+            main = DecodeEngine(model, prompts, spec, m, layout, store=store,
                                 resume=parked).run(SampleQueue(order))
         wall = time.perf_counter() - start - (oracle_s if self.predictor.needs_oracle else 0.0)
-        result = merge(done, main, store, prompts, wall)
         true = remaining_lengths(main, samples, self.probe_tokens)
         if self.learning:
             self.predictor.observe(batch, true)
-        result.predicted_peak_bytes = self.peak_bytes(model, prompts, group_size, spec, m)
-        weights = weight_bytes(model)
-        result.predicted_sampling_bytes = result.predicted_peak_bytes - weights
-        record = PredictorRecord(self.predictor.name, self.probe_tokens, predicted.cpu(), true)
-        return to_rollouts(result, len(prompts), group_size, spec, probe_steps=done.decoding_steps,
-                           steps_lower_bound=steps_lower_bound(true.tolist(), m),
-                           predictor=record, plan=plan)
+        # one result for the two phases: the probe's steps counted apart, the decode phase's
+        # trace shifted past them; the store held every prompt for the whole call
+        stats = done.stats.then(main.stats)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, sum(kv.nbytes for kv in store.values()))
+        stats.wall_time_s = wall
+        stats.predicted_peak_bytes = self.peak_bytes(model, prompts, group_size, spec, m)
+        stats.predicted_sampling_bytes = stats.predicted_peak_bytes - weight_bytes(model)
+        stats.steps_lower_bound = steps_lower_bound(true.tolist(), m)
+        stats.predictor = PredictorRecord(self.predictor.name, self.probe_tokens,
+                                          predicted.cpu(), true)
+        stats.plan = plan
+        store.clear()
+        result = EngineResult({**done.completions, **main.completions},
+                              {**done.finished, **main.finished},
+                              done.finish_order + main.finish_order, stats=stats)
+        return to_rollouts(result, len(prompts), group_size, spec)
 
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
                    spec: GenerationSpec, slots: int) -> int:
@@ -117,21 +127,17 @@ class InfiniteSampler(SamplerBase):
         and the parked probe KV (k tokens of each of the B x G samples)."""
         per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
         kept = sum(len(p) for p in prompts) + len(prompts) * group_size * self.probe_tokens
-        engine = predict_peak_bytes(model, prompts, spec, slots, self.prompt_kv, live_prompts=0)
+        engine = predict_peak_bytes(model, prompts, spec, slots, self.settings.layout,
+                                    live_prompts=0)
         return engine + kept * per_token
 
     def slots(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec) -> int:
         """m itself, or with `auto` the largest m whose peak (parked KV included) fits."""
-        def peak(m: int) -> int:
-            return self.peak_bytes(model, prompts, group_size, spec, m)
-
-        if self.micro_group_size == "auto" and peak(1) > self.memory_budget_gb * (1 << 30):
-            raise ValueError(f"sampler.memory_budget_gb={self.memory_budget_gb} is below the "
-                             f"{format_bytes(peak(1))} that one slot plus the prompts and "
-                             f"the parked probe KV need (lower probe_tokens or group_size)")
-        return resolve_slots(self.micro_group_size, self.memory_budget_gb, model, prompts,
-                             group_size, spec, peak)
+        return self.settings.resolve(
+            lambda m: self.peak_bytes(model, prompts, group_size, spec, m), group_size,
+            len(prompts) * group_size, "that one slot plus the prompts and the parked probe KV "
+            "need (lower probe_tokens or group_size)")
 
     def probe(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec, m: int
@@ -147,12 +153,12 @@ class InfiniteSampler(SamplerBase):
         if self.probe_tokens == 0:
             done = first_tokens(store, queue, spec)
         else:
-            done = DecodeEngine(model, prompts, spec, m, store=store, capture_hidden=hidden,
-                                suspend_after=self.probe_tokens,
-                                prompt_kv=self.prompt_kv).run(SampleQueue(queue))
-        done.prefill_passes = len(prompts)
-        done.prefill_tokens = sum(len(p) for p in prompts)
-        done.prefill_time_s = prefill_s
+            done = DecodeEngine(model, prompts, spec, m, self.settings.layout, store=store,
+                                capture_hidden=hidden, suspend_after=self.probe_tokens
+                                ).run(SampleQueue(queue))
+        done.stats.prefill_passes = len(prompts)
+        done.stats.prefill_tokens = sum(len(p) for p in prompts)
+        done.stats.prefill_time_s = prefill_s
         return done, done.suspended, store
 
     def probe_batch(self, prompts: list[list[int]], samples: list[SampleId],
@@ -187,7 +193,7 @@ class InfiniteSampler(SamplerBase):
 def first_tokens(store: dict[int, PromptKV], samples: list[SampleId],
                  spec: GenerationSpec) -> EngineResult:
     """k = 0: draw every sample's token 0 from its prompt's logits (no decoding step)."""
-    done = EngineResult({}, {}, [], [], 0, 0, 0, 0, 0, [], 0.0)
+    done = EngineResult()
     if not samples:
         return done
     prompt = torch.tensor([i for i, _ in samples])
@@ -206,33 +212,10 @@ def first_tokens(store: dict[int, PromptKV], samples: list[SampleId],
             done.suspended[(i, j)] = Suspended([k[:, :0] for k in kv.keys],
                                                [v[:, :0] for v in kv.values], [token],
                                                kv.hidden)
+    done.stats.generated_tokens = sum(map(len, done.completions.values()))
     return done
 
 
 def remaining_lengths(result: EngineResult, samples: list[SampleId], k: int) -> torch.Tensor:
     """True remaining tokens after the probe: L - k for each parked sample."""
     return torch.tensor([len(result.completions[s]) - k for s in samples], dtype=torch.long)
-
-
-def merge(done: EngineResult, main: EngineResult, store: dict[int, PromptKV],
-          prompts: list[list[int]], wall: float) -> EngineResult:
-    """One result for the two phases; the decode phase's trace is shifted past the probe."""
-    shift = done.decoding_steps
-    trace = done.slot_trace + [(slot, s, a + shift, b + shift) for slot, s, a, b in
-                               main.slot_trace]
-    result = EngineResult(
-        completions={**done.completions, **main.completions},
-        finished={**done.finished, **main.finished},
-        finish_order=done.finish_order + main.finish_order, cancelled=[],
-        decoding_steps=main.decoding_steps,
-        # the probe prefilled every prompt; a later phase prefills only what it had to redo
-        prefill_passes=done.prefill_passes + main.prefill_passes,
-        prefill_tokens=done.prefill_tokens + main.prefill_tokens,
-        prefill_time_s=done.prefill_time_s + main.prefill_time_s,
-        peak_kv_bytes=max(done.peak_kv_bytes, main.peak_kv_bytes,
-                          sum(kv.nbytes for kv in store.values())),
-        max_concurrency=max(done.max_concurrency, main.max_concurrency), slot_trace=trace,
-        slots=main.slots,
-        wall_time_s=wall)
-    store.clear()
-    return result

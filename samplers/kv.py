@@ -13,18 +13,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from samplers.base import cache_keyword, compute_dtype, output_cache
-
-PROMPT_KV = ("shared", "copied")
-
-
-def check_prompt_kv(prompt_kv: str) -> str:
-    """Validate the `prompt_kv` layout of an engine sampler config."""
-    if prompt_kv not in PROMPT_KV:
-        raise ValueError(f"prompt_kv must be one of {PROMPT_KV} (shared: one copy per prompt; "
-                         f"copied: in every slot row, for A/B runs), got {prompt_kv!r}")
-    return prompt_kv
-
+from common.compat import cache_keyword, output_cache
+from samplers.base import compute_dtype
 
 class SlotCache:
     """A duck-typed transformers Cache: fixed [m, heads, capacity, head_dim] K/V per layer.

@@ -1,23 +1,25 @@
-"""The memory planner of the engine samplers: predicted peak bytes, and the slot count m that
-fits a budget (`micro_group_size: auto` with `memory_budget_gb`).
+"""The memory planner of the engine samplers: predicted peak bytes, and the run on the slot
+count m that fits a budget (`micro_group_size: auto` with `memory_budget_gb`, resolved by
+`SlotSettings.resolve`, samplers/slots.py).
 
-The model is the engine's own allocation: weights + the KV of its `prompt_kv` layout (shared:
-m slot rows of max_new_tokens + the prompts alive at once; copied: m rows of (longest prompt +
-max_new_tokens) + up to two prompts' KV while samples are placed) + the float32 logits
-buffers of one step. `tests/test_engine.py` checks it against the bytes the engine's
+The model is the engine's own allocation: weights + the KV of its layout (samplers/layout.py:
+shared, m slot rows of max_new_tokens + the prompts alive at once; copied, m rows of (longest
+prompt + max_new_tokens) + up to two prompts' KV while samples are placed) + the float32
+logits buffers of one step. `tests/test_engine.py` checks it against the bytes the engine's
 tensors really hold, and bench Table A against measured peaks.
 
     python train.py sampler=micro sampler.micro_group_size=auto sampler.memory_budget_gb=2
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from samplers.base import GenerationSpec, check_positive
+from samplers.base import GenerationSpec
 from samplers.engine import DecodeEngine, EngineResult, Queue
-from samplers.kv import check_prompt_kv
+from samplers.layout import KVLayout
+from samplers.slots import SlotSettings
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -64,26 +66,19 @@ def fsdp_units(model: Any) -> list[Any]:
 
 
 def predict_peak_bytes(model: Any, prompts: list[list[int]], spec: GenerationSpec,
-                       slots: int, prompt_kv: str = "shared",
-                       live_prompts: int | None = None, weights: int | None = None) -> int:
-    """Weights + the engine's KV + logits buffers, for the `prompt_kv` layout.
-
-    copied: m rows of (longest P + max_new_tokens), plus up to two prompts' KV while samples
-    are placed. shared: m rows of max_new_tokens, plus the KV of the prompts alive at once,
-    bounded by the `live_prompts` longest ones (default min(B, m + 1): m rows belong to at most
-    m prompts, and one more is prefilled when a row frees; rounds need fewer, see
-    `live_prompt_bound`).
+                       slots: int, layout: KVLayout, live_prompts: int | None = None,
+                       weights: int | None = None) -> int:
+    """Weights + the engine's KV + logits buffers, for the `layout` (samplers/layout.py:
+    `peak_tokens`). The shared layout holds the prompts alive at once, bounded by the
+    `live_prompts` longest ones (default min(B, m + 1): m rows belong to at most m prompts, and
+    one more is prefilled when a row frees; rounds need fewer, see `live_prompt_bound`).
     """
-    check_prompt_kv(prompt_kv)
     params = list(model.parameters())
     weights = weight_bytes(model) if weights is None else weights
     per_token = kv_bytes_per_token(model.config, params[0].dtype)
     lengths = sorted((len(p) for p in prompts), reverse=True)
-    if prompt_kv == "copied":
-        tokens = slots * (lengths[0] + spec.max_new_tokens) + 2 * lengths[0]
-    else:
-        live = min(len(lengths), slots + 1) if live_prompts is None else live_prompts
-        tokens = slots * spec.max_new_tokens + sum(lengths[:live])
+    live = min(len(lengths), slots + 1) if live_prompts is None else live_prompts
+    tokens = layout.peak_tokens(lengths, slots, spec.max_new_tokens, live)
     vocab = model.config.get_text_config().vocab_size
     logits = 4 * slots * vocab * 4  # row logits, forward output, probabilities, CDF (float32)
     return weights + tokens * per_token + logits
@@ -98,67 +93,28 @@ def live_prompt_bound(num_prompts: int, group_size: int, slots: int, rounds: boo
     return min(num_prompts, bound)
 
 
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB', 3 * 2**30 -> '3.00 GiB'."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}" if unit != "GiB" else f"{n / size:.2f} GiB"
-    return f"{int(n)} B"
-
-
-def check_budget(sampler: Any, model: Any, max_new_tokens: int) -> None:
+def check_budget(settings: SlotSettings | None, model: Any, max_new_tokens: int) -> None:
     """Where a run is built: a `micro_group_size: auto` budget must hold at least the weights
     and one slot of a one-token prompt (real prompts are checked again when sampled)."""
-    if getattr(sampler, "micro_group_size", None) == "auto":
-        resolve_slots("auto", sampler.memory_budget_gb, model, [[0]], 1,
-                      GenerationSpec(max_new_tokens))
-
-
-def check_slots(micro_group_size: int | str, memory_budget_gb: float | None) -> None:
-    """Validate the `micro_group_size` / `memory_budget_gb` pair of a sampler config."""
-    if micro_group_size != "auto":
-        check_positive("micro_group_size", micro_group_size)
-    elif memory_budget_gb is None or memory_budget_gb <= 0:
-        raise ValueError("micro_group_size=auto needs memory_budget_gb > 0 (GiB for weights, "
-                         f"KV and logits), got {memory_budget_gb!r}")
-
-
-def resolve_slots(micro_group_size: int | str, memory_budget_gb: float | None, model: Any,
-                  prompts: list[list[int]], group_size: int, spec: GenerationSpec,
-                  peak: Callable[[int], int] | None = None) -> int:
-    """m itself, or with `auto` the largest m whose predicted peak `peak(m)` (default: the
-    copied layout's) fits `memory_budget_gb`."""
-    check_slots(micro_group_size, memory_budget_gb)
-    if micro_group_size != "auto":
-        return micro_group_size
-    peak = peak or (lambda m: predict_peak_bytes(model, prompts, spec, m, "copied"))
-    budget = memory_budget_gb * (1 << 30)
-    most = len(prompts) * group_size
-    if peak(1) > budget:
-        raise ValueError(f"sampler.memory_budget_gb={memory_budget_gb} is below the "
-                         f"{format_bytes(peak(1))} that weights plus one slot need")
-    low, high = 1, most  # largest m with predicted peak <= budget (monotone in m)
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
-    return low
+    if settings is not None and settings.auto:
+        spec = GenerationSpec(max_new_tokens)
+        settings.resolve(lambda m: predict_peak_bytes(model, [[0]], spec, m, settings.layout),
+                         1, 1)
 
 
 def run_slots(model: Any, prompts: list[list[int]], group_size: int, spec: GenerationSpec,
-              queue: Queue, micro_group_size: int | str, memory_budget_gb: float | None,
-              prompt_kv: str = "shared", rounds: bool = False) -> EngineResult:
-    """Resolve m (an int, or `auto` under the budget), run the engine on m slots, and record
-    the predicted peak in the result: in total (what the budget bounds) and above the weights
+              queue: Queue, settings: SlotSettings, rounds: bool = False) -> EngineResult:
+    """Resolve m (fixed, or `auto` under the budget), run the engine on m slots, and record
+    the predicted peak in its stats: in total (what the budget bounds) and above the weights
     (comparable with the measured `memory/peak_sampling_gb`)."""
     weights = weight_bytes(model)
 
     def peak(m: int) -> int:
         live = live_prompt_bound(len(prompts), group_size, m, rounds)
-        return predict_peak_bytes(model, prompts, spec, m, prompt_kv, live, weights)
+        return predict_peak_bytes(model, prompts, spec, m, settings.layout, live, weights)
 
-    m = resolve_slots(micro_group_size, memory_budget_gb, model, prompts, group_size, spec, peak)
-    result = DecodeEngine(model, prompts, spec, slots=m, prompt_kv=prompt_kv).run(queue)
-    predicted = peak(m)
-    result.predicted_peak_bytes = predicted
-    result.predicted_sampling_bytes = predicted - weights
+    m = settings.resolve(peak, group_size, len(prompts) * group_size)
+    result = DecodeEngine(model, prompts, spec, m, settings.layout).run(queue)
+    result.stats.predicted_peak_bytes = peak(m)
+    result.stats.predicted_sampling_bytes = result.stats.predicted_peak_bytes - weights
     return result

@@ -15,27 +15,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from samplers.base import GenerationSpec, Rollouts, SamplerBase, validate_request
+from samplers.base import GenerationSpec, Rollouts, validate_request
 from samplers.engine import to_rollouts
-from samplers.kv import check_prompt_kv
-from samplers.memory import check_slots, run_slots
+from samplers.memory import run_slots
 from samplers.scheduling import SampleQueue, fifo_order
+from samplers.slots import SlotSettings
 
 
-class MicroSampler(SamplerBase):
-    def __init__(self, micro_group_size: int | str = 8,
-                 memory_budget_gb: float | None = None, prompt_kv: str = "shared",
-                 gather_weights: bool = True) -> None:
-        self.gather_weights = bool(gather_weights)
-        check_slots(micro_group_size, memory_budget_gb)
-        check_prompt_kv(prompt_kv)
-        self.micro_group_size = micro_group_size
-        self.memory_budget_gb, self.prompt_kv = memory_budget_gb, prompt_kv
+class MicroSampler:
+    predictor = None
+    learning = True
+
+    def __init__(self, micro_group_size: int | str, memory_budget_gb: float | None,
+                 prompt_kv: str, gather_weights: bool) -> None:
+        self.settings = SlotSettings(micro_group_size, memory_budget_gb, prompt_kv,
+                                     gather_weights)
+        self.gather_weights = gather_weights
+
+    def bind(self, tokenizer: Any) -> None:
+        """Nothing to bind: only length predictors read text."""
 
     def sample(self, model: Any, prompts: list[list[int]], group_size: int,
                spec: GenerationSpec) -> Rollouts:
-        validate_request(model, prompts, group_size, spec)
-        queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
-        result = run_slots(model, prompts, group_size, spec, queue, self.micro_group_size,
-                           self.memory_budget_gb, self.prompt_kv, rounds=True)
-        return to_rollouts(result, len(prompts), group_size, spec)
+        return sample_in_rounds(self.settings, model, prompts, group_size, spec)
+
+
+def sample_in_rounds(settings: SlotSettings, model: Any, prompts: list[list[int]],
+                     group_size: int, spec: GenerationSpec) -> Rollouts:
+    """Rounds of m samples in (prompt, sample) order, each waiting for its longest member
+    (`micro`; `full` is the case m = G)."""
+    validate_request(model, prompts, group_size, spec)
+    queue = SampleQueue(fifo_order(len(prompts), group_size), rounds=True)
+    result = run_slots(model, prompts, group_size, spec, queue, settings, rounds=True)
+    return to_rollouts(result, len(prompts), group_size, spec)

@@ -1,14 +1,89 @@
-"""Test-only reward functions and tiny models (seeded, offline)."""
+"""What the tests share (no test module imports another): tiny seeded models, prompts and a
+spec, the Hydra config of any entry point, an entry point run as a user runs it, and the
+test-only reward functions that configs name (`tests.helpers.char_fraction_reward`)."""
 from __future__ import annotations
 
+import csv
 import math
-from typing import Any
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
 
 from modules.parallel import full_tensor
-from samplers.base import SamplerBase, cache_keyword, output_cache
+from common.compat import cache_keyword, output_cache
+from samplers.base import GenerationSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+
+# prompts of 7, 2, 4 and 9 tokens and a sampled spec whose completions vary in length
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
+
+# prompts of 41, 2, 17 and 5 tokens: rows of long and short prompts decode side by side
+MIXED_PROMPTS = [[(7 * k) % 40 + 1 for k in range(41)], [9, 8], list(range(10, 27)),
+                 [20, 21, 4, 5, 6]]
+MIXED_SPEC = GenerationSpec(max_new_tokens=16, temperature=1.0, eos_token_ids=(3, 5, 7), seed=5)
+
+# A whole GRPO run in a few seconds: random-init tiny policy, easy arithmetic prompts.
+TINY = [
+    "policy=tiny", "data=arithmetic", "data.source.size=64", "data.val_size=4",
+    "data.batch_size=2", "data.val_batch_size=2", "model.group_size=4",
+    "model.max_new_tokens=8", "model.update_micro_batch=4", "trainer.accelerator=cpu",
+    "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
+]
+
+# train.py overrides: a dense, learnable reward (the digit fraction) ...
+DIGITS = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward",
+          "+model.rewards.digits.fn._partial_=true", "+model.rewards.digits.weight=1.0"]
+# ... as the only reward
+DENSE = [*DIGITS, "~model.rewards.gsm8k", "~model.rewards.format", "model.accuracy_reward=null"]
+
+
+def completions(r: Any) -> list[list[int]]:
+    """Each rollout's completion ids, cut at its length."""
+    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
+
+def compose_entry(config: str, overrides: Sequence[str],
+                  output_dir: Path | None = None) -> DictConfig:
+    """The config `python <entry point> <overrides>` would see (config: "train",
+    "locate_values", "train_predictor", "bench"), writing to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(f"{config}.yaml", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            if config != "locate_values":  # its cache_dir follows root_dir, not log_dir
+                cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
+def run_entry(*args: str, timeout: float = 300, check: bool = False
+              ) -> subprocess.CompletedProcess:
+    """`python <args>` from the repository root as a user runs it: stdout and stderr merged
+    into `.stdout`, as a terminal shows them; with `check`, a failure shows its last lines."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's CSV logger (logger=csv)."""
+    with open(output_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def char_fraction_reward(completions: list[str], chars: str = "0123456789",
@@ -24,6 +99,45 @@ def raising_reward(completions: list[str], **batch: Any) -> list[float]:
 
 def nan_reward(completions: list[str], **batch: Any) -> list[float]:
     return [math.nan for _ in completions]
+
+
+def sampler_of(name: str, *args: Any, **overrides: Any) -> Any:
+    """The sampler of configs/sampler/<name>.yaml (its settings' one default, with the
+    default predictor), `args` and `overrides` replacing its settings in their order."""
+    import inspect
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from bench.core import sampler_config
+
+    settings = OmegaConf.to_container(sampler_config(name), resolve=True)
+    cls = hydra.utils.get_class(settings.pop("_target_"))
+    names = list(inspect.signature(cls).parameters)
+    settings.update(zip(names, args), **overrides)
+    if isinstance(settings.get("predictor"), dict):  # the config's, not one the test passed
+        settings["predictor"] = hydra.utils.instantiate(settings["predictor"])
+    return cls(**settings)  # called directly: a bad setting raises its own ValueError
+
+
+def full_sampler(*args: Any, **overrides: Any) -> Any:
+    return sampler_of("full", *args, **overrides)
+
+
+def micro_sampler(*args: Any, **overrides: Any) -> Any:
+    return sampler_of("micro", *args, **overrides)
+
+
+def continuous_sampler(*args: Any, **overrides: Any) -> Any:
+    return sampler_of("continuous", *args, **overrides)
+
+
+def infinite_sampler(*args: Any, **overrides: Any) -> Any:
+    return sampler_of("infinite", *args, **overrides)
+
+
+def hf_generate_sampler(*args: Any, **overrides: Any) -> Any:
+    return sampler_of("hf_generate", *args, **overrides)
 
 
 FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig}
@@ -170,16 +284,23 @@ class ClipRecorder:
         return _Recorder()
 
 
-class PromptSeededSampler(SamplerBase):
+class PromptSeededSampler:
     """Samples each prompt's group with a seed taken from the prompt's tokens, so that the
     rollouts of a prompt do not depend on the rank, batch or position it was sampled in (the
-    DDP test compares two ranks with one process on the same prompts)."""
+    DDP test compares two ranks with one process on the same prompts). Built from a `full`
+    config (`sampler._target_=tests.helpers.PromptSeededSampler`)."""
 
-    def __init__(self, gather_weights: bool = True, **_: Any) -> None:
+    predictor = None
+    learning = True
+
+    def __init__(self, prompt_kv: str, gather_weights: bool) -> None:
         from samplers.full import FullSampler
 
-        self.inner = FullSampler()
-        self.gather_weights = gather_weights
+        self.inner = FullSampler(prompt_kv, gather_weights)
+        self.settings, self.gather_weights = self.inner.settings, gather_weights
+
+    def bind(self, tokenizer: Any) -> None:
+        """Nothing to bind."""
 
     def sample(self, model, prompts, group_size, spec):
         import dataclasses
@@ -263,3 +384,54 @@ class ForwardCounter:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
+
+
+# ----------------------------------------------------------------------------- a planted neuron
+# (the value-neuron tests: one neuron of a tiny model that fires on one pole's tokens only)
+
+POLE_A, POLE_B = list(range(4, 24)), list(range(24, 44))
+PLANTED = 17  # neuron of layer 0
+
+
+def planted_model() -> torch.nn.Module:
+    """Layer 0's attention is switched off, embedding feature 0 is +3 on POLE_A tokens and -3
+    on POLE_B tokens, and neuron PLANTED of layer 0 reads only feature 0: it fires on A, not B.
+    No other neuron reads feature 0, and PLANTED writes nothing downstream."""
+    model = tiny_lm(vocab_size=48, seed=1)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        emb[POLE_A, 0], emb[POLE_B, 0] = 3.0, -3.0
+        gate = model.model.layers[0].mlp.gate_proj.weight
+        gate[:, 0] = 0.0
+        gate[PLANTED] = 0.0
+        gate[PLANTED, 0] = 4.0
+        model.model.layers[0].mlp.down_proj.weight[:, PLANTED] = 0.0  # nothing downstream
+        model.model.layers[1].mlp.gate_proj.weight[:, 0] = 0.0  # feature 0 is read only there
+    return model
+
+
+def pole_batch(tokens: list[int], seed: int, rows: int = 6, width: int = 12):
+    """Random sequences: a 4-token 'prompt' from the whole vocab, then pole tokens as the
+    'response' (the only tokens counted)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 48, (rows, width), generator=gen)
+    pick = torch.tensor(tokens)[torch.randint(len(tokens), (rows, width - 4), generator=gen)]
+    ids[:, 4:] = pick
+    mask = torch.zeros(rows, width, dtype=torch.bool)
+    mask[:, 4:] = True
+    return ids, mask
+
+
+def hooked_acts(model, ids) -> list[torch.Tensor]:
+    """Every layer's act_fn output by plain forward hooks (independent of the module)."""
+    from values.neurons import gated_mlps
+
+    out = []
+    hooks = [mlp.act_fn.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+             for mlp in gated_mlps(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return out

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import run_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 4  # micro_group_size: the m of every Table C schedule
@@ -20,10 +19,8 @@ ORACLE = "oracle (k=0)"
 
 
 def bench(tmp_path: Path, *overrides: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "bench", *TINY, f"out_dir={tmp_path}",
-                          f"hydra.run.dir={tmp_path / 'hydra'}", *overrides],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_entry("-m", "bench", *TINY, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}",
+              *overrides, timeout=600, check=True)
 
 
 def rows(path: Path) -> list[dict[str, str]]:

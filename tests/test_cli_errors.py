@@ -7,15 +7,14 @@ from __future__ import annotations
 import io
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from callbacks.checkpoint import AtomicCheckpointIO, CheckpointError
-from tests.conftest import ROOT, TINY, compose_config
+from modules.checkpoints import AtomicCheckpointIO, CheckpointError
 from train import train
+from tests.helpers import TINY, compose_entry, run_entry
 
 NO_POLICY = ["policy=tiny"]
 
@@ -23,8 +22,7 @@ NO_POLICY = ["policy=tiny"]
 def run(*args: str, cwd: Path, multirun: bool = False) -> subprocess.CompletedProcess:
     """An entry point as a user runs it: both streams into one, as a terminal shows them."""
     where = f"hydra.sweep.dir={cwd}" if multirun else f"hydra.run.dir={cwd}"
-    return subprocess.run([sys.executable, *args, where], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    return run_entry(*args, where)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, run_dir: Path, names: str) -> str:
@@ -107,11 +105,11 @@ def checkpoints(tmp_path_factory):
     """A real checkpoint of a 1-step tiny run, one of another (wider) tiny model, and one
     saved with weights only."""
     root = tmp_path_factory.mktemp("ckpts")
-    _, objects = train(compose_config([*TINY, "trainer.max_steps=1", "callbacks=none"],
+    _, objects = train(compose_entry("train", [*TINY, "trainer.max_steps=1", "callbacks=none"],
                                       root / "run"))
     objects["trainer"].save_checkpoint(root / "good.ckpt", weights_only=False)
     objects["trainer"].save_checkpoint(root / "weights.ckpt", weights_only=True)
-    _, other = train(compose_config([*TINY, "trainer.max_steps=1", "callbacks=none",
+    _, other = train(compose_entry("train", [*TINY, "trainer.max_steps=1", "callbacks=none",
                                      "policy.hidden_size=32", "policy.intermediate_size=64"],
                                     root / "other"))
     other["trainer"].save_checkpoint(root / "other_model.ckpt", weights_only=False)

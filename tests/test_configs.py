@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tests.helpers import ROOT, TINY, compose_entry, full_sampler
 
-from tests.conftest import ROOT, TINY, compose_config
 
 
 def binds(target: str, node, *, given: tuple[str, ...] = ()) -> None:
@@ -31,7 +31,7 @@ def test_groups_are_not_empty():
 
 @pytest.mark.parametrize("name", options("predictor"))
 def test_infinite_sampler_receives_each_predictor(name):
-    sampler = instantiate(compose_config(["sampler=infinite", f"predictor={name}"]).sampler)
+    sampler = instantiate(compose_entry("train", ["sampler=infinite", f"predictor={name}"]).sampler)
     assert sampler.predictor.name == name
 
 
@@ -43,7 +43,7 @@ def test_sampler_config_builds_a_sampler_that_decodes_like_generate(name):
 
     from samplers.base import Sampler
 
-    sampler = instantiate(compose_config([f"sampler={name}"]).sampler)
+    sampler = instantiate(compose_entry("train", [f"sampler={name}"]).sampler)
     assert isinstance(sampler, Sampler)  # sample, bind, predictor, learning
     model, eos = tiny_lm("llama"), 3
     prompts = [[1, 2, 4, 6, 7, 9], [9, 8], [10, 11, 12, 13]]
@@ -61,19 +61,19 @@ def test_sampler_config_builds_a_sampler_that_decodes_like_generate(name):
 
 @pytest.mark.parametrize("name", options("policy"))
 def test_policy_config_keys_are_arguments_of_its_target(name):
-    cfg = compose_config([f"policy={name}"])
+    cfg = compose_entry("train", [f"policy={name}"])
     binds(cfg.policy._target_, cfg.policy)
 
 
 def test_tiny_policy_instantiates():
-    policy = instantiate(compose_config(["policy=tiny"]).policy)
+    policy = instantiate(compose_entry("train", ["policy=tiny"]).policy)
     assert policy.tokenizer.eos_token_id in policy.eos_token_ids
     assert policy.model.config.vocab_size == len(policy.tokenizer)
 
 
 @pytest.mark.parametrize("name", options("data"))
 def test_data_instantiates_and_yields_batches(name, char_tokenizer):
-    cfg = compose_config([f"data={name}", "data.source.size=40", "data.val_size=4"])
+    cfg = compose_entry("train", [f"data={name}", "data.source.size=40", "data.val_size=4"])
     datamodule = instantiate(cfg.data, tokenizer=char_tokenizer)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
@@ -86,14 +86,14 @@ def test_data_instantiates_and_yields_batches(name, char_tokenizer):
 def test_callbacks_and_loggers_instantiate(group, tmp_path):
     from train import instantiate_group
     for name in options(group):
-        cfg = compose_config([*TINY, f"{group}={name}"], tmp_path)
+        cfg = compose_entry("train", [*TINY, f"{group}={name}"], tmp_path)
         built = instantiate_group(cfg.get(group))
         assert name == "none" or built, name
 
 
 @pytest.mark.parametrize("name", options("trainer"))
 def test_trainer_configs(name, tmp_path):
-    cfg = compose_config([f"trainer={name}"], tmp_path)
+    cfg = compose_entry("train", [f"trainer={name}"], tmp_path)
     needs_gpu = cfg.trainer.accelerator == "gpu"
     if needs_gpu and not torch.cuda.is_available():  # what can be checked without CUDA
         binds(cfg.trainer._target_, cfg.trainer, given=("callbacks", "logger"))
@@ -110,7 +110,7 @@ def test_global_groups_set_only_keys_that_their_targets_accept(group):
     """Every experiment/debug/search config composes into a model, sampler, data and trainer
     whose keys are arguments of their targets; a sweep sweeps keys that exist."""
     for name in options(group):
-        cfg = compose_config([f"{group}={name}"])
+        cfg = compose_entry("train", [f"{group}={name}"])
         binds(cfg.model._target_, cfg.model, given=("policy", "sampler"))
         binds(cfg.sampler._target_, cfg.sampler)
         binds(cfg.data._target_, cfg.data, given=("tokenizer", "max_prompt_tokens"))
@@ -120,7 +120,7 @@ def test_global_groups_set_only_keys_that_their_targets_accept(group):
 
 
 def test_model_builds_from_config():
-    cfg = compose_config(TINY)
+    cfg = compose_entry("train", TINY)
     policy = instantiate(cfg.policy)
     model = instantiate(cfg.model, policy=policy, sampler=instantiate(cfg.sampler))
     assert set(model.reward_fns) == {"gsm8k", "format"}
@@ -131,14 +131,13 @@ def test_model_builds_from_config():
 def test_offline_default_policy_loads_and_generates(tmp_path):
     """The packaged SmolLM2 GGUF converts (once) and decodes a chat prompt."""
     from samplers.base import GenerationSpec
-    from samplers.full import FullSampler
 
-    cfg = compose_config([], tmp_path)
+    cfg = compose_entry("train", [], tmp_path)
     policy = instantiate(cfg.policy)
     text = policy.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
         tokenize=False)
     ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
     spec = GenerationSpec(8, temperature=0.0, eos_token_ids=policy.eos_token_ids)
-    rollouts = FullSampler().sample(policy.model, [ids], 1, spec)
+    rollouts = full_sampler().sample(policy.model, [ids], 1, spec)
     assert "5" in policy.tokenizer.decode(rollouts.completion_ids[0])

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from datamodules import sources
 from datamodules.prompts import PromptDataModule, ResumableDataLoader, ShardedSampler
 from modules.rewards import format_reward, gsm8k_reward
-from tests.conftest import compose_config
+from tests.helpers import compose_entry
 
 
 def _toy_source(n: int) -> list[dict]:
@@ -271,10 +271,10 @@ def test_record_system_must_be_a_string(char_tokenizer) -> None:
 def test_long_prompt_config_keys() -> None:
     from hydra.utils import instantiate
 
-    cfg = compose_config(["data=gsm8k", "data.source.size=2", "data.source.few_shot=2"])
+    cfg = compose_entry("train", ["data=gsm8k", "data.source.size=2", "data.source.few_shot=2"])
     assert cfg.data.source.few_shot == 2
     assert instantiate(cfg.data.source)()[0]["question"].count("Question: ") == 3
-    cfg = compose_config(
+    cfg = compose_entry("train",
         [
             "data=chat",
             "data.source.size=1",
@@ -284,7 +284,7 @@ def test_long_prompt_config_keys() -> None:
     )
     (record,) = instantiate(cfg.data.source)()
     assert len(record["system"].split()) == 2 + 7
-    assert compose_config(["data=chat"]).data.source.context is None
+    assert compose_entry("train", ["data=chat"]).data.source.context is None
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------

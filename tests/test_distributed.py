@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
+from tests.helpers import DENSE, TINY, compose_entry, run_entry
 
-from tests.conftest import ROOT, TINY
-from tests.test_grpo_module import DENSE
 
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out
+    return run_entry("train.py", *args, timeout=timeout, check=True)
 
 
 @pytest.mark.slow
@@ -217,11 +212,10 @@ def test_fsdp_checkpoints_are_one_atomic_file(tmp_path):
     tested for that plugin in test_train.py), not a sharded folder written in place."""
     import hydra
 
-    from callbacks.checkpoint import AtomicCheckpointIO
+    from modules.checkpoints import AtomicCheckpointIO
     from modules.parallel import FSDP2Strategy
-    from tests.conftest import compose_config
 
-    cfg = compose_config([*TINY, "trainer=fsdp"], tmp_path)
+    cfg = compose_entry("train", [*TINY, "trainer=fsdp"], tmp_path)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False)
     assert isinstance(trainer.strategy, FSDP2Strategy)
     assert trainer.strategy._save_distributed_checkpoint is False

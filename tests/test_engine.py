@@ -5,36 +5,29 @@ import pytest
 import torch
 
 from samplers.base import GenerationSpec
-from samplers.continuous import ContinuousSampler
 from samplers.engine import padded_head
-from samplers.memory import live_prompt_bound, predict_peak_bytes, resolve_slots
-from samplers.full import FullSampler
-from samplers.micro import MicroSampler
+from samplers.layout import kv_layout
+from samplers.memory import live_prompt_bound, predict_peak_bytes
+from samplers.slots import SlotSettings
 from samplers.scheduling import (DynamicQueue, SampleQueue, list_schedule_makespan,
                                  rounds_steps, steps_lower_bound)
-from tests.helpers import ForwardCounter, tiny_lm
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
-SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
+from tests.helpers import (ForwardCounter, PROMPTS, SPEC, completions, continuous_sampler,
+                           full_sampler, micro_sampler, tiny_lm)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_lm("llama")
 
 
-def completions(r) -> list[list[int]]:
-    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
 def test_schedule_invariance_full_micro_continuous(family):
     """float64: identical completions whatever the slot, round, refill order or neighbours."""
     model = tiny_lm(family)
-    reference = FullSampler().sample(model, PROMPTS, 7, SPEC)
+    reference = full_sampler().sample(model, PROMPTS, 7, SPEC)
     assert len(set(reference.lengths.tolist())) > 3  # lengths vary, so schedules differ
-    for sampler in (MicroSampler(3), MicroSampler(5), ContinuousSampler(3),
-                    ContinuousSampler(4), ContinuousSampler(1)):
+    for sampler in (micro_sampler(3), micro_sampler(5), continuous_sampler(3),
+                    continuous_sampler(4), continuous_sampler(1)):
         other = sampler.sample(model, PROMPTS, 7, SPEC)
         assert completions(other) == completions(reference), type(sampler).__name__
         assert torch.equal(other.finished, reference.finished)
@@ -45,7 +38,7 @@ def test_schedule_invariance_full_micro_continuous(family):
 def test_greedy_micro_and_continuous_equal_generate(family, attn):
     model = tiny_lm(family, attn=attn)
     spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,))
-    for sampler in (MicroSampler(2), ContinuousSampler(3)):
+    for sampler in (micro_sampler(2), continuous_sampler(3)):
         r = sampler.sample(model, PROMPTS, 2, spec)
         for i, prompt in enumerate(PROMPTS):
             ids = torch.tensor([prompt])
@@ -58,20 +51,20 @@ def test_greedy_micro_and_continuous_equal_generate(family, attn):
 
 def test_step_counts_equal_closed_forms(model):
     g, m = 7, 3
-    full = FullSampler().sample(model, PROMPTS, g, SPEC)
+    full = full_sampler().sample(model, PROMPTS, g, SPEC)
     lengths = full.lengths.tolist()  # (prompt, sample) order = the queues' order
     per_prompt = [lengths[i * g: (i + 1) * g] for i in range(len(PROMPTS))]
     assert full.stats.decoding_steps == sum(max(p) for p in per_prompt)
-    micro = MicroSampler(m).sample(model, PROMPTS, g, SPEC)
+    micro = micro_sampler(m).sample(model, PROMPTS, g, SPEC)
     assert micro.stats.decoding_steps == rounds_steps(lengths, m)
-    cont = ContinuousSampler(m).sample(model, PROMPTS, g, SPEC)
+    cont = continuous_sampler(m).sample(model, PROMPTS, g, SPEC)
     assert cont.stats.decoding_steps == list_schedule_makespan(lengths, m)
     assert steps_lower_bound(lengths, m) <= cont.stats.decoding_steps <= \
         micro.stats.decoding_steps
 
 
 def test_slot_trace_is_a_valid_schedule(model):
-    r = ContinuousSampler(3).sample(model, PROMPTS, 5, SPEC)
+    r = continuous_sampler(3).sample(model, PROMPTS, 5, SPEC)
     trace = r.stats.slot_trace
     assert len(trace) == len(r)
     lengths = {(int(i), int(j)): int(n) for i, j, n in
@@ -88,7 +81,7 @@ def test_slot_trace_is_a_valid_schedule(model):
 def test_prefill_once_concurrency_and_memory(model):
     prompt_tokens = sum(map(len, PROMPTS))
     peaks = {}
-    for cls in (MicroSampler, ContinuousSampler):
+    for cls in (micro_sampler, continuous_sampler):
         for m in (2, 4):
             for g in (4, 16):
                 with ForwardCounter(model) as seen:
@@ -100,14 +93,14 @@ def test_prefill_once_concurrency_and_memory(model):
                 peaks[cls, m, g] = r.stats.peak_kv_bytes
         assert peaks[cls, 2, 4] == peaks[cls, 2, 16]  # flat in G
         assert peaks[cls, 4, 16] > peaks[cls, 2, 16]  # grows with m
-    full_peak = FullSampler().sample(model, PROMPTS, 16, SPEC).stats.peak_kv_bytes
-    assert full_peak > 3 * peaks[MicroSampler, 4, 16]
+    full_peak = full_sampler().sample(model, PROMPTS, 16, SPEC).stats.peak_kv_bytes
+    assert full_peak > 3 * peaks[micro_sampler, 4, 16]
 
 
 def test_dynamic_mode_is_biased_to_short_completions(model):
     spec = GenerationSpec(max_new_tokens=24, eos_token_ids=(3, 5, 7, 9), seed=2)
-    fixed = ContinuousSampler(4).sample(model, PROMPTS, 6, spec)
-    dynamic = ContinuousSampler(4, mode="dynamic").sample(model, PROMPTS, 6, spec)
+    fixed = continuous_sampler(4).sample(model, PROMPTS, 6, spec)
+    dynamic = continuous_sampler(4, mode="dynamic").sample(model, PROMPTS, 6, spec)
     assert len(dynamic) == len(fixed) == 24
     assert dynamic.lengths.float().mean() < fixed.lengths.float().mean()
     assert dynamic.stats.decoding_steps < fixed.stats.decoding_steps
@@ -136,7 +129,7 @@ def test_queues_on_hand_made_instances():
     (dict(micro_group_size="auto"), "memory_budget_gb"),
     (dict(micro_group_size=2.5), "micro_group_size"),
 ])
-@pytest.mark.parametrize("cls", [MicroSampler, ContinuousSampler])
+@pytest.mark.parametrize("cls", [micro_sampler, continuous_sampler])
 def test_bad_sampler_config(cls, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         cls(**kwargs)
@@ -144,23 +137,25 @@ def test_bad_sampler_config(cls, kwargs, argument):
 
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
-        ContinuousSampler(4, mode="sometimes")
+        continuous_sampler(4, mode="sometimes")
 
 
 @pytest.mark.parametrize("prompt_kv", ["copied", "shared"])
 def test_auto_slots_fit_the_budget(model, prompt_kv):
     def peak(m):
         live = live_prompt_bound(len(PROMPTS), 16, m, rounds=True)
-        return predict_peak_bytes(model, PROMPTS, SPEC, m, prompt_kv, live)
+        return predict_peak_bytes(model, PROMPTS, SPEC, m, kv_layout(prompt_kv), live)
 
     budget_gb = (peak(1) + 5.5 * (peak(2) - peak(1))) / (1 << 30)
-    assert resolve_slots("auto", budget_gb, model, PROMPTS, 16, SPEC, peak) == 6
-    r = MicroSampler("auto", memory_budget_gb=budget_gb, prompt_kv=prompt_kv).sample(
+    settings = SlotSettings("auto", budget_gb, prompt_kv, True)
+    assert settings.resolve(peak, 16, len(PROMPTS) * 16) == 6
+    r = micro_sampler("auto", memory_budget_gb=budget_gb, prompt_kv=prompt_kv).sample(
         model, PROMPTS, 16, SPEC)
     assert r.stats.max_concurrency == 6 and r.stats.slots == 6
     assert r.stats.peak_kv_bytes <= r.stats.predicted_sampling_bytes
     with pytest.raises(ValueError, match="memory_budget_gb"):
-        resolve_slots("auto", peak(1) / 2 / (1 << 30), model, PROMPTS, 16, SPEC, peak)
+        SlotSettings("auto", peak(1) / 2 / (1 << 30), prompt_kv, True).resolve(
+            peak, 16, len(PROMPTS) * 16)
 
 
 def test_padded_head_pads_rows_and_keeps_logits():

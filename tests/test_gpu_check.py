@@ -3,22 +3,19 @@ same commands (Table A at a Qwen3 shape, the decode step against a bare forward)
 part reported while the next runs, and the requirements it installs leaving torch alone."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from bench import gpu_check
-from tests.conftest import ROOT
+from tests.helpers import run_entry
 
 
 @pytest.mark.slow
 def test_dry_run_writes_the_report_with_table_a_at_a_qwen3_shape(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--parts",
-                          "experiment,tables,decode", "--out", str(tmp_path)], cwd=ROOT,
-                         text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         timeout=900)
+    out = run_entry("-m", "bench.gpu_check", "--dry-run", "--parts", "experiment,tables,decode",
+                    "--out", str(tmp_path), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     for part in ("experiment", "tables", "decode"):
@@ -57,7 +54,6 @@ def test_requirements_leave_torch_alone_and_bad_parts_are_named(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_without_cuda_it_says_so_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = run_entry("-m", "bench.gpu_check")
     assert out.returncode == 2
     assert out.stdout.startswith("error: no CUDA device") and "Traceback" not in out.stdout

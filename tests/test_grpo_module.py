@@ -8,8 +8,8 @@ import torch
 
 import modules.grpo as grpo
 from modules.policy import tiny
-from tests.test_train import DIGITS
 from train import train
+from tests.helpers import DIGITS, read_metrics
 
 # Reward = fraction of digit characters (variance within every group of the random policy);
 # without it the tiny policy's arithmetic reward is 0 everywhere and every advantage is 0.
@@ -118,7 +118,6 @@ def test_kl_is_zero_against_the_initial_policy_then_grows(tiny_cfg, tmp_path):
     """beta > 0: the reference is a frozen copy of the initial policy, so the logged k3 KL is
     exactly 0 at the first step (policy = reference) and positive once the policy moved; the
     reference's weights equal a fresh model with the same seed at the end."""
-    from tests.test_train import read_metrics
 
     cfg = tiny_cfg(*DENSE, "model.beta=0.1", "model.lr=1e-2", "trainer.max_steps=3",
                    "callbacks=none")

@@ -6,29 +6,21 @@ import pytest
 import torch
 
 from samplers.base import GenerationSpec
-from samplers.full import FullSampler
-from samplers.infinite import InfiniteSampler
-from predictors import HiddenPredictor, HistoryPredictor, OraclePredictor
+from predictors import hidden_predictor, HistoryPredictor, OraclePredictor
 from samplers.scheduling import REFILLS, steps_lower_bound
-from tests.helpers import ForwardCounter, ScriptedLM, tiny_lm
+from tests.helpers import (ForwardCounter, PROMPTS, SPEC, ScriptedLM, completions, full_sampler,
+                           infinite_sampler, micro_sampler, tiny_lm)
 
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
-SPEC = GenerationSpec(max_new_tokens=20, temperature=1.0, eos_token_ids=(3, 5, 7), seed=11)
 SCRIPTED = GenerationSpec(max_new_tokens=64, eos_token_ids=(ScriptedLM.EOS,))
 
 
-def completions(r) -> list[list[int]]:
-    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_lm("llama")
 
 
 @pytest.fixture(scope="module")
 def reference(model):
-    r = FullSampler().sample(model, PROMPTS, 7, SPEC)
+    r = full_sampler().sample(model, PROMPTS, 7, SPEC)
     assert len(set(r.lengths.tolist())) > 3  # lengths vary, so schedules differ
     return r
 
@@ -38,14 +30,14 @@ VARIANTS = [(refill, grouping) for refill in REFILLS for grouping in ("fptas", "
 
 @pytest.mark.parametrize("k, predictor, variants", [
     (0, OraclePredictor, VARIANTS), (3, HistoryPredictor, VARIANTS),
-    (1, HiddenPredictor, VARIANTS[:2]), (25, HiddenPredictor, VARIANTS[:1]),
+    (1, hidden_predictor, VARIANTS[:2]), (25, hidden_predictor, VARIANTS[:1]),
 ])
 def test_schedule_invariance_against_full(model, reference, k, predictor, variants):
     """float64: the same completions as `full` for every probe length, predictor and plan
     (k = 25 > max_new_tokens: every sample ends inside the probe)."""
     pred = predictor()
     for refill, grouping in variants:
-        sampler = InfiniteSampler(3, probe_tokens=k, refill=refill, grouping=grouping,
+        sampler = infinite_sampler(3, probe_tokens=k, refill=refill, grouping=grouping,
                                   predictor=pred)
         with ForwardCounter(model) as seen:
             r = sampler.sample(model, PROMPTS, 7, SPEC)
@@ -65,7 +57,7 @@ def test_oracle_reaches_the_lower_bound(lengths, m):
     """Hand-made lengths (one prompt per sample) where LB is reachable: fptas + oracle hits it."""
     model = ScriptedLM()
     prompts = [[n, 4, 4] for n in lengths]
-    sampler = InfiniteSampler(m, probe_tokens=0, refill="lpt", predictor=OraclePredictor())
+    sampler = infinite_sampler(m, probe_tokens=0, refill="lpt", predictor=OraclePredictor())
     r = sampler.sample(model, prompts, 1, SCRIPTED)
     assert r.lengths.tolist() == lengths and bool(r.finished.all())
     parked = [n for n in lengths if n > 1]  # L = 1 ends with the token drawn at prefill
@@ -79,7 +71,7 @@ def test_probe_steps_and_remaining_work():
     row-steps; the probe takes k + 1 steps per wave of m samples."""
     lengths, m, k = [10, 3, 7, 2, 12, 6], 3, 2
     model = ScriptedLM()
-    r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
+    r = infinite_sampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
         model, [[n, 4] for n in lengths], 1, SCRIPTED)
     stats = r.stats
     assert r.lengths.tolist() == lengths
@@ -99,16 +91,19 @@ def test_predictor_sees_probe_and_hidden_and_is_refitted():
     model = ScriptedLM()
     seen = {}
 
-    class Spy(HiddenPredictor):
-        def predict(self, batch):
-            seen["batch"] = batch
-            return super().predict(batch)
+    spy = hidden_predictor(refit_steps=1)
+    predict, observe = spy.predict, spy.observe
 
-        def observe(self, batch, remaining):
-            seen["remaining"] = remaining
-            super().observe(batch, remaining)
+    def seen_predict(batch):
+        seen["batch"] = batch
+        return predict(batch)
 
-    r = InfiniteSampler(2, probe_tokens=k, predictor=Spy(refit_steps=1)).sample(
+    def seen_observe(batch, remaining):
+        seen["remaining"] = remaining
+        observe(batch, remaining)
+
+    spy.predict, spy.observe = seen_predict, seen_observe
+    r = infinite_sampler(2, probe_tokens=k, predictor=spy).sample(
         model, [[n, 4] for n in lengths], 1, SCRIPTED)
     batch = seen["batch"]
     assert batch.probe_ids == [[ScriptedLM.FILLER] * k] * 5
@@ -120,8 +115,8 @@ def test_predictor_sees_probe_and_hidden_and_is_refitted():
 
 
 def test_memory_counts_parked_probe_kv(model):
-    base = InfiniteSampler(2, probe_tokens=0).sample(model, PROMPTS, 8, SPEC)
-    probed = InfiniteSampler(2, probe_tokens=6).sample(model, PROMPTS, 8, SPEC)
+    base = infinite_sampler(2, probe_tokens=0).sample(model, PROMPTS, 8, SPEC)
+    probed = infinite_sampler(2, probe_tokens=6).sample(model, PROMPTS, 8, SPEC)
     assert probed.stats.peak_kv_bytes > base.stats.peak_kv_bytes  # parked k-token KV
 
 
@@ -133,17 +128,17 @@ def test_memory_counts_parked_probe_kv(model):
 ])
 def test_bad_config_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
-        InfiniteSampler(**kwargs)
+        infinite_sampler(**kwargs)
 
 
 def test_auto_slots_count_the_parked_probe_kv(model):
     """`auto` m under a budget: the parked probe KV (B x G x k tokens) is in the prediction."""
     spec = GenerationSpec(8, eos_token_ids=(3,))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = InfiniteSampler(probe_tokens=8).peak_bytes(model, PROMPTS, 64, spec, 3) + 1
-    m0 = InfiniteSampler("auto", budget / (1 << 30), probe_tokens=0).slots(model, PROMPTS, 64,
+    budget = infinite_sampler(probe_tokens=8).peak_bytes(model, PROMPTS, 64, spec, 3) + 1
+    m0 = infinite_sampler("auto", budget / (1 << 30), probe_tokens=0).slots(model, PROMPTS, 64,
                                                                            spec)
-    probed = InfiniteSampler("auto", budget / (1 << 30), probe_tokens=8)
+    probed = infinite_sampler("auto", budget / (1 << 30), probe_tokens=8)
     m8 = probed.slots(model, PROMPTS, 64, spec)
     assert m8 == 3 and m0 > m8
     assert probed.peak_bytes(model, PROMPTS, 64, spec, m8) <= budget < \
@@ -152,7 +147,7 @@ def test_auto_slots_count_the_parked_probe_kv(model):
     assert r.stats.slots == m8 and r.stats.max_concurrency <= m8
     assert r.stats.peak_kv_bytes <= r.stats.predicted_peak_bytes - weights
     with pytest.raises(ValueError, match="memory_budget_gb"):
-        InfiniteSampler("auto", budget / (1 << 30), probe_tokens=64).slots(model, PROMPTS, 64,
+        infinite_sampler("auto", budget / (1 << 30), probe_tokens=64).slots(model, PROMPTS, 64,
                                                                            spec)
 
 
@@ -163,7 +158,7 @@ def test_slot_utilization_means_the_same_for_infinite(k):
     from callbacks.sampling import sampling_metrics
 
     lengths, m = [3, 2, 5, 1, 4], 2
-    r = InfiniteSampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
+    r = infinite_sampler(m, probe_tokens=k, predictor=OraclePredictor()).sample(
         ScriptedLM(), [[n, 4] for n in lengths], 1, SCRIPTED)
     util = sampling_metrics(r)["sampling/slot_utilization"]
     steps = r.stats.decoding_steps + r.stats.probe_steps
@@ -175,9 +170,8 @@ def test_slot_utilization_of_micro_rounds_by_hand():
     """`micro`, m = 2, G = 3, completions of 3 and 5 tokens: rounds [3, 3], [3, 5], [5, 5]
     take 3 + 5 + 5 = 13 steps on 2 slots with 24 busy row-steps: 24 / 26."""
     from callbacks.sampling import sampling_metrics
-    from samplers.micro import MicroSampler
 
-    r = MicroSampler(2).sample(ScriptedLM(), [[3, 4], [5, 4]], 3, SCRIPTED)
+    r = micro_sampler(2).sample(ScriptedLM(), [[3, 4], [5, 4]], 3, SCRIPTED)
     assert r.stats.decoding_steps == 13
     assert sampling_metrics(r)["sampling/slot_utilization"] == pytest.approx(24 / 26)
 
@@ -195,7 +189,7 @@ def test_each_prompt_is_prefilled_exactly_once(predictor):
         lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     chosen = OraclePredictor() if predictor == "oracle" else HistoryPredictor()
     spec = GenerationSpec(max_new_tokens=12, seed=1)
-    r = InfiniteSampler(2, probe_tokens=2, predictor=chosen).sample(model, prompts, 3, spec)
+    r = infinite_sampler(2, probe_tokens=2, predictor=chosen).sample(model, prompts, 3, spec)
     hook.remove()
     prefills = sum(1 for w in widths if w > 1)
     assert prefills == len(prompts)
@@ -216,18 +210,18 @@ def test_plan_is_never_worse_than_plain_lpt():
     fptas_only = planned_order(fptas_plan(lengths, m, 0.1), lengths, "lpt")
     assert simulate_steps(lengths, fptas_only, m) == 101
     assert simulate_steps(lengths, refill_order(lengths, "lpt"), m) == 98
-    sampler = InfiniteSampler(m)  # the defaults: fptas + lpt
+    sampler = infinite_sampler(m)  # the defaults: fptas + lpt
     name, order = sampler.order([float(n) for n in lengths], m)
     assert name == "lpt" and simulate_steps(lengths, order, m) == 98
     rng = random.Random(0)
     for _ in range(200):
         m = rng.choice([2, 3, 4, 8])
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(m, 24))]
-        _, order = InfiniteSampler(m).order([float(n) for n in lengths], m)
+        _, order = infinite_sampler(m).order([float(n) for n in lengths], m)
         assert sorted(order) == list(range(len(lengths)))
         assert simulate_steps(lengths, order, m) <= simulate_steps(
             lengths, refill_order(lengths, "lpt"), m)
-    assert InfiniteSampler(2, grouping="none", refill="sjf").order([3.0, 1.0, 2.0], 2) == \
+    assert infinite_sampler(2, grouping="none", refill="sjf").order([3.0, 1.0, 2.0], 2) == \
         ("sjf", [1, 2, 0])
 
 
@@ -236,7 +230,7 @@ def test_steps_over_lb_is_one_when_every_sample_ends_inside_the_probe():
     from callbacks.sampling import sampling_metrics
 
     lengths = [2, 3, 1, 3]
-    r = InfiniteSampler(2, probe_tokens=4, predictor=OraclePredictor()).sample(
+    r = infinite_sampler(2, probe_tokens=4, predictor=OraclePredictor()).sample(
         ScriptedLM(), [[n, 4] for n in lengths], 1, SCRIPTED)
     assert r.lengths.tolist() == lengths and r.stats.decoding_steps == 0
     metrics = sampling_metrics(r)

@@ -6,20 +6,14 @@ import csv
 import json
 import re
 import subprocess
-import sys
 
 import hydra
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from locate_values import locate_values
-from tests.conftest import CONFIGS, ROOT
-from tests.helpers import past
+from tests.helpers import compose_entry, past, run_entry
 from train import train
 from values.data import AXES, AXIS_OF, NEUTRAL, load_value_data
 from values.experiment import arms, measure
@@ -40,20 +34,10 @@ QUICK = ["policy=tiny", "locate.pairs=8", "locate.max_new_tokens=6", "validate.m
          "validate.controls_first=false", "validate.max_perplexity=null"]
 
 
-def locate_cfg(overrides, output_dir):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("locate_values.yaml", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("locate")
-    metrics, objects = locate_values(locate_cfg(QUICK, out))
+    metrics, objects = locate_values(compose_entry("locate_values", QUICK, out))
     return out, metrics, objects
 
 
@@ -145,8 +129,9 @@ def test_entry_point_writes_sets_tables_and_plots(tiny_run):
 
 def test_saved_neurons_are_reused(tiny_run, tmp_path):
     out, _, _ = tiny_run
-    _, objects = locate_values(locate_cfg([*QUICK, f"neurons={out}", "instruments=fast",
-                                           "dimensions=[conservation]"], tmp_path))
+    _, objects = locate_values(compose_entry(
+        "locate_values", [*QUICK, f"neurons={out}", "instruments=fast",
+                          "dimensions=[conservation]"], tmp_path))
     first = ValueNeurons.load(out / "neurons_conservation.json")
     assert torch.equal(objects["sets"]["conservation"].toward.index, first.index)
     assert not (tmp_path / "pole_statistics.pt").exists()  # no location was run
@@ -154,9 +139,9 @@ def test_saved_neurons_are_reused(tiny_run, tmp_path):
 
 def test_saved_statistics_give_the_same_sets(tiny_run, tmp_path):
     out, _, objects = tiny_run
-    _, again = locate_values(locate_cfg([*QUICK, f"statistics={out}/pole_statistics.pt",
-                                         "instruments=fast", "dimensions=[conservation]"],
-                                        tmp_path))
+    _, again = locate_values(compose_entry(
+        "locate_values", [*QUICK, f"statistics={out}/pole_statistics.pt", "instruments=fast",
+                          "dimensions=[conservation]"], tmp_path))
     assert torch.equal(again["sets"]["conservation"].toward.index,
                        objects["sets"]["conservation"].toward.index)
 
@@ -169,7 +154,7 @@ def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
             "dimensions=[conservation]"]
     for run in "abcde":
         (tmp_path / run).mkdir()
-    _, first = locate_values(locate_cfg(base, tmp_path / "a"))
+    _, first = locate_values(compose_entry("locate_values", base, tmp_path / "a"))
     cached = list((tmp_path / "cache" / "pole_statistics").glob("*.pt"))
     assert len(cached) == 1
 
@@ -177,7 +162,8 @@ def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
         raise AssertionError("location ran although its statistics were cached")
 
     monkeypatch.setattr(entry, "location_statistics", no_location)
-    _, second = locate_values(locate_cfg(base, tmp_path / "b"))  # a hit: same sets, same texts
+    # a hit: same sets, same texts
+    _, second = locate_values(compose_entry("locate_values", base, tmp_path / "b"))
     for kind in ("toward", "away"):
         assert torch.equal(getattr(second["sets"]["conservation"], kind).index,
                            getattr(first["sets"]["conservation"], kind).index)
@@ -186,12 +172,13 @@ def test_location_statistics_are_cached_and_keyed(tmp_path, monkeypatch):
     # an unreadable entry is gathered anew, not an error
     cached[0].write_bytes(b"not a torch file")
     with pytest.raises(AssertionError, match="location ran"):
-        locate_values(locate_cfg(base, tmp_path / "e"))
+        locate_values(compose_entry("locate_values", base, tmp_path / "e"))
     # another response length is another key: location runs again
     with pytest.raises(AssertionError, match="location ran"):
-        locate_values(locate_cfg([*base, "locate.max_new_tokens=5"], tmp_path / "c"))
+        locate_values(compose_entry("locate_values", [*base, "locate.max_new_tokens=5"],
+                                    tmp_path / "c"))
     monkeypatch.undo()
-    locate_values(locate_cfg([*base, "locate.cache=false"], tmp_path / "d"))
+    locate_values(compose_entry("locate_values", [*base, "locate.cache=false"], tmp_path / "d"))
     assert len(list((tmp_path / "cache" / "pole_statistics").glob("*.pt"))) == 1
 
 
@@ -277,9 +264,7 @@ def test_controls_first_and_the_cost_limit_decide_what_is_measured(tiny_run):
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "locate_values.py"), *args,
-                           f"hydra.run.dir={cwd}"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return run_entry("locate_values.py", *args, f"hydra.run.dir={cwd}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -301,15 +286,15 @@ def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     proc = run_cli("policy=tiny", "locate.pairs=2", "locate.max_new_tokens=2", *args,
                    cwd=tmp_path)
     assert proc.returncode == 1
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert message in proc.stdout and "Traceback" not in proc.stdout
 
 
 def test_neurons_from_another_model_are_refused(tiny_run, tmp_path):
     out, _, _ = tiny_run
     proc = run_cli("policy=tiny", "policy.intermediate_size=96", f"neurons={out}",
                    cwd=tmp_path)
-    assert proc.returncode == 1 and "was located on" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "was located on" in proc.stdout
+    assert "Traceback" not in proc.stdout
 
 
 def test_value_monitor_logs_the_instruments_that_pass(tiny_cfg, tiny_run, tmp_path):
@@ -386,11 +371,9 @@ def test_steered_policy_samples_and_scores_under_the_same_steering(tiny_cfg, tin
 @pytest.mark.slow
 def test_scale_multirun_sweep(tmp_path):
     """`locate_values.py -m steer.scale=probability,p95`: one job each, each with its tables."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "locate_values.py"), "-m", "steer.scale=probability,p95",
-         *QUICK, "instruments=fast", "dimensions=[conservation]", f"hydra.sweep.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_entry("locate_values.py", "-m", "steer.scale=probability,p95", *QUICK,
+              "instruments=fast", "dimensions=[conservation]", f"hydra.sweep.dir={tmp_path}",
+              timeout=600, check=True)
     for job, scale in (("0", "probability"), ("1", "p95")):
         assert f"steer.scale {scale}" in (tmp_path / job / "summary.md").read_text()
         assert (tmp_path / job / "effects.csv").read_text().count("\n") > 10

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from callbacks.memory import GB, PeakMemory, PeakMemoryMonitor
+from common.units import GB
+from callbacks.memory import PeakMemory, PeakMemoryMonitor
+from tests.helpers import run_entry
 
 MB = 1_000_000
 
@@ -67,13 +69,9 @@ print(above.backend, above.peak_bytes, below.peak_bytes, above.note)
 def test_peak_memory_without_psutil_falls_back_to_maxrss() -> None:
     """In another process (ru_maxrss is a lifetime peak, kept across exec): a block reaching
     400 MB above the high-water mark is measured as such, one below it reads 0 (the note)."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-c", MAXRSS_SCRIPT], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
-    backend, above, below, note = out.stdout.split(maxsplit=3)
+    out = run_entry("-c", MAXRSS_SCRIPT, timeout=120, check=True)
+    backend, above, below, note = out.stdout.strip().splitlines()[-1].split(maxsplit=3)
     assert backend == "maxrss" and "psutil" in note
     assert 350 * MB <= int(above) <= 450 * MB
     assert int(below) == 0

@@ -1,6 +1,6 @@
-"""Every `trainer.precision` runs the whole loop (DESIGN.md section 11): each sampler and each
-predictor trains, validates, checkpoints and resumes through `train.py` as a user runs it; under
-`bf16-true` the GRPO statistics stay float32 and equal a hand computation; the paper's
+"""Every `trainer.precision` runs the whole loop (docs/ARCHITECTURE.md section 11): each sampler and
+each predictor trains, validates, checkpoints and resumes through `train.py` as a user runs it;
+under `bf16-true` the GRPO statistics stay float32 and equal a hand computation; the paper's
 experiment (`experiment=gsm8k_qwen3`) runs offline on a tiny Qwen3; the shape policy builds the
 published sizes."""
 from __future__ import annotations
@@ -8,14 +8,13 @@ from __future__ import annotations
 import csv
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, compose_config
 from train import train
+from tests.helpers import ROOT, TINY, compose_entry, continuous_sampler, full_sampler, run_entry
 
 SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml")
                   if p.stem != "continuous_wide")
@@ -27,8 +26,7 @@ DIGITS = ["+model.rewards.digits.fn._target_=tests.helpers.char_fraction_reward"
 
 def run_train(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python train.py <args>` as a user runs it, stdout and stderr merged."""
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return run_entry("train.py", *args, timeout=timeout)
 
 
 def summary_rows(sweep: Path) -> list[dict[str, str]]:
@@ -211,7 +209,7 @@ def test_gsm8k_qwen3_experiment_runs_offline_on_a_tiny_qwen3(tmp_path):
     GSM8K-style prompts: one step, whose update runs 8 completions in 2 micro-batches."""
     folder = tmp_path / "qwen3"
     write_tiny_qwen3(folder)
-    cfg = compose_config(["experiment=gsm8k_qwen3", f"policy.name_or_path={folder}",
+    cfg = compose_entry("train", ["experiment=gsm8k_qwen3", f"policy.name_or_path={folder}",
                           "data.source.source=gsm_symbolic", "data.source.size=32",
                           "trainer=cpu", "model.group_size=8", "model.max_new_tokens=8",
                           "trainer.max_steps=1", "logger=csv"], tmp_path / "run")
@@ -345,10 +343,7 @@ def test_cuda_float32_engine_equals_generate():
     """On CUDA in float32 (the engine's fused CUDA kernels), both layouts and slot counts
     decode greedily what `model.generate` decodes."""
     from samplers.base import GenerationSpec
-    from samplers.continuous import ContinuousSampler
-    from samplers.full import FullSampler
-    from tests.helpers import tiny_lm
-    from tests.test_shared_kv import PROMPTS, completions
+    from tests.helpers import MIXED_PROMPTS as PROMPTS, completions, tiny_lm
 
     model = tiny_lm("qwen3", dtype=torch.float32).cuda()
     spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,), seed=0)
@@ -360,5 +355,5 @@ def test_cuda_float32_engine_equals_generate():
                                 pad_token_id=3)[0, len(prompt):].tolist()
         expected.append(tokens[: tokens.index(3) + 1] if 3 in tokens else tokens)
     for prompt_kv in ("shared", "copied"):
-        for sampler in (FullSampler(prompt_kv), ContinuousSampler(2, prompt_kv=prompt_kv)):
+        for sampler in (full_sampler(prompt_kv), continuous_sampler(2, prompt_kv=prompt_kv)):
             assert completions(sampler.sample(model, PROMPTS, 1, spec)) == expected, prompt_kv

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from predictors.rollouts import (PredictorDataModule, examples, hidden_states_at,
                                   load_rollouts, save_rollouts, split_prompts)
 from samplers.base import SamplingStats, pack_rollouts
-from predictors import (HiddenPredictor, HistoryPredictor, MiniLMPredictor,
-                                        OraclePredictor, ProbeBatch)
+from predictors import hidden_predictor, HistoryPredictor, minilm_predictor, OraclePredictor
+from samplers.prediction import ProbeBatch
 from predictors.text_encoder import load_encoder
-from tests.conftest import CONFIGS
-from tests.helpers import tiny_lm
+from tests.helpers import compose_entry, tiny_lm
 
 K = 4  # probe tokens
 CLASSES = (("Say yes or no: is {} even?", "yes, ", 10),
@@ -84,7 +79,7 @@ def policy_lm(char_tokenizer):
 
 @pytest.fixture(scope="module")
 def encoder():
-    """The shipped MiniLM, loaded once: every MiniLMPredictor of the process shares it."""
+    """The shipped MiniLM, loaded once: every minilm predictor of the process shares it."""
     return load_encoder(None)
 
 
@@ -204,12 +199,12 @@ def test_history_learns_falls_back_and_reloads(records, tmp_path):
 
 def test_minilm_learns_and_reloads(encoder, records, char_tokenizer, tmp_path):
     def make(**kwargs):
-        predictor = MiniLMPredictor(**FAST, **kwargs)
+        predictor = minilm_predictor(**FAST, **kwargs)
         predictor.bind(char_tokenizer)
         return predictor
 
     predictor = make()
-    assert predictor.encoder is encoder  # loaded once per process
+    assert predictor.featurizer.encoder is encoder  # loaded once per process
     held_out, true = examples(records, K, HELD_OUT)
     untrained = mae(predictor.predict(held_out), true)
     assert torch.allclose(predictor.predict(held_out), torch.tensor(64.0))
@@ -217,14 +212,14 @@ def test_minilm_learns_and_reloads(encoder, records, char_tokenizer, tmp_path):
     assert predictor.learner.refits == 4
     assert mae(predictor.predict(held_out), true) < 0.2 * untrained
     assert_reload_identical(predictor, make, held_out, tmp_path)
-    unbound = MiniLMPredictor()
+    unbound = minilm_predictor()
     with pytest.raises(ValueError, match="bind"):
         unbound.predict(held_out)
 
 
 def test_minilm_finetune_encoder_trains_a_copy(encoder, records, char_tokenizer, tmp_path):
     def make(**kwargs):
-        predictor = MiniLMPredictor(finetune_encoder=True, max_input_tokens=24, refit_steps=1,
+        predictor = minilm_predictor(finetune_encoder=True, max_input_tokens=24, refit_steps=1,
                                     batch_size=8, **kwargs)
         predictor.bind(char_tokenizer)
         return predictor
@@ -240,12 +235,12 @@ def test_minilm_finetune_encoder_trains_a_copy(encoder, records, char_tokenizer,
     reloaded.load(tmp_path / "p.pt")
     assert torch.equal(reloaded.predict(batch), predictor.predict(batch))
     with pytest.raises(ValueError, match="finetune_encoder"):
-        MiniLMPredictor().load(tmp_path / "p.pt")
+        minilm_predictor().load(tmp_path / "p.pt")
 
 
 def test_hidden_learns_lazily_and_reloads(policy_lm, records, tmp_path):
     def make(**kwargs):
-        return HiddenPredictor(**FAST, **kwargs)
+        return hidden_predictor(**FAST, **kwargs)
 
     predictor = make()
     assert predictor.learner.module is None and predictor.state_dict()["learner"]["module"] \
@@ -264,38 +259,38 @@ def test_hidden_learns_lazily_and_reloads(policy_lm, records, tmp_path):
 
 def test_save_on_refit_writes_path(policy_lm, records, tmp_path):
     path = tmp_path / "online.pt"
-    predictor = HiddenPredictor(path=str(path), save_on_refit=True, refit_every=2,
+    predictor = hidden_predictor(path=str(path), save_on_refit=True, refit_every=2,
                                 refit_steps=1)
     batch, remaining = examples(records, K, TRAIN[:2], policy_lm, needs_hidden=True)
     predictor.observe(batch, remaining)
     assert not path.exists()  # refit_every=2: no refit after the first call
     predictor.observe(batch, remaining)
-    assert path.exists() and HiddenPredictor(path=str(path)).learner.refits == 1
+    assert path.exists() and hidden_predictor(path=str(path)).learner.refits == 1
 
 
 def test_empty_batch_predicts_empty(encoder, char_tokenizer):
     empty = ProbeBatch([[1, 2]], torch.zeros(0, dtype=torch.long),
                        torch.zeros(0, dtype=torch.long), [], hidden=torch.zeros(0, 8),
                        true_remaining=torch.zeros(0, dtype=torch.long))
-    minilm = MiniLMPredictor()
+    minilm = minilm_predictor()
     minilm.bind(char_tokenizer)
-    for predictor in (OraclePredictor(), HistoryPredictor(), minilm, HiddenPredictor()):
+    for predictor in (OraclePredictor(), HistoryPredictor(), minilm, hidden_predictor()):
         out = predictor.predict(empty)
         assert out.shape == (0,) and out.dtype == torch.float32
         predictor.observe(empty, torch.zeros(0, dtype=torch.long))
 
 
 @pytest.mark.parametrize("cls, kwargs, name", [
-    (HiddenPredictor, dict(refit_every=0), "refit_every"),
-    (HiddenPredictor, dict(refit_steps=-1), "refit_steps"),
-    (HiddenPredictor, dict(buffer_size=0), "buffer_size"),
-    (HiddenPredictor, dict(lr=0.0), "lr"),
-    (HiddenPredictor, dict(head_width=0), "head_width"),
-    (HiddenPredictor, dict(log_target="yes"), "log_target"),
+    (hidden_predictor, dict(refit_every=0), "refit_every"),
+    (hidden_predictor, dict(refit_steps=-1), "refit_steps"),
+    (hidden_predictor, dict(buffer_size=0), "buffer_size"),
+    (hidden_predictor, dict(lr=0.0), "lr"),
+    (hidden_predictor, dict(head_width=0), "head_width"),
+    (hidden_predictor, dict(log_target="yes"), "log_target"),
     (HistoryPredictor, dict(min_count=0), "min_count"),
     (HistoryPredictor, dict(max_prompts=0), "max_prompts"),
-    (MiniLMPredictor, dict(max_input_tokens=2), "max_input_tokens"),
-    (MiniLMPredictor, dict(default=-1.0), "default"),
+    (minilm_predictor, dict(max_input_tokens=2), "max_input_tokens"),
+    (minilm_predictor, dict(default=-1.0), "default"),
 ])
 def test_bad_config_values_name_the_argument(cls, kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -305,21 +300,10 @@ def test_bad_config_values_name_the_argument(cls, kwargs, name):
 def test_load_checks_the_predictor_name(tmp_path):
     HistoryPredictor().save(tmp_path / "history.pt")
     with pytest.raises(ValueError, match="'history' predictor"):
-        HiddenPredictor().load(tmp_path / "history.pt")
+        hidden_predictor().load(tmp_path / "history.pt")
 
 
 # ----------------------------------------------------------------------------- configs, entry
-
-
-def compose_predictor(overrides: list[str], output_dir: Path):
-    """The config as `python train_predictor.py <overrides>` would see it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train_predictor.yaml", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = str(output_dir)
-    return cfg
 
 
 @pytest.mark.parametrize("name", ["oracle", "history", "minilm", "hidden"])
@@ -329,7 +313,7 @@ def test_predictor_configs_build_predictors_that_learn(name, encoder, records, p
     learns online: after observing the training prompts its held-out error is below that of
     the same config untrained (oracle: exact); its state reloads to identical predictions."""
     def make(**kwargs):
-        cfg = compose_predictor([f"predictor={name}"], tmp_path).predictor
+        cfg = compose_entry("train_predictor", [f"predictor={name}"], tmp_path).predictor
         predictor = instantiate(cfg, **kwargs)
         predictor.bind(char_tokenizer)
         return predictor
@@ -352,7 +336,8 @@ def test_predictor_configs_build_predictors_that_learn(name, encoder, records, p
 def test_train_predictor_entry_point(name, encoder, rollouts_file, tmp_path):
     from train_predictor import train_predictor
 
-    cfg = compose_predictor([f"predictor={name}", "policy=tiny", f"rollouts={rollouts_file}",
+    cfg = compose_entry("train_predictor", [
+                             f"predictor={name}", "policy=tiny", f"rollouts={rollouts_file}",
                              f"probe_tokens={K}", "max_epochs=4", "batch_size=16",
                              "val_fraction=0.25", "logger=csv", "trainer.accelerator=cpu",
                              "predictor.lr=3e-3"], tmp_path)
@@ -375,7 +360,7 @@ def test_train_predictor_entry_point(name, encoder, rollouts_file, tmp_path):
 def test_train_predictor_bad_input(override, name, rollouts_file, tmp_path):
     from train_predictor import train_predictor
 
-    cfg = compose_predictor(["policy=tiny", "predictor=history", f"rollouts={rollouts_file}",
-                             override], tmp_path)
+    cfg = compose_entry("train_predictor", ["policy=tiny", "predictor=history",
+                                            f"rollouts={rollouts_file}", override], tmp_path)
     with pytest.raises(ValueError, match=name):
         train_predictor(cfg)

@@ -5,20 +5,15 @@ import pytest
 import torch
 
 from samplers.base import GenerationSpec, filter_logits, sample_tokens, uniforms
-from samplers.full import FullSampler
-from samplers.hf_generate import HFGenerateSampler
-from tests.helpers import ForwardCounter, tiny_lm
+from tests.helpers import ForwardCounter, full_sampler, hf_generate_sampler, tiny_lm
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13]]
 EOS = 3
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_lm("llama")
 
 
-@pytest.mark.parametrize("sampler_cls", [FullSampler, HFGenerateSampler])
+@pytest.mark.parametrize("sampler_cls", [full_sampler, hf_generate_sampler])
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(prompts=[[1, 2], []]), "prompts[1]"),
     (dict(prompts=[]), "prompts"),
@@ -80,7 +75,7 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_greedy_full_equals_model_generate(family, attn):
     model = tiny_lm(family, attn=attn)
     spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(EOS,))
-    rollouts = FullSampler().sample(model, PROMPTS, 2, spec)
+    rollouts = full_sampler().sample(model, PROMPTS, 2, spec)
     for i, prompt in enumerate(PROMPTS):
         ids = torch.tensor([prompt])
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -95,8 +90,8 @@ def test_greedy_full_equals_model_generate(family, attn):
 
 def test_hf_generate_greedy_equals_full(model):
     spec = GenerationSpec(max_new_tokens=10, temperature=0.0, eos_token_ids=(EOS,))
-    a = FullSampler().sample(model, PROMPTS, 3, spec)
-    b = HFGenerateSampler().sample(model, PROMPTS, 3, spec)
+    a = full_sampler().sample(model, PROMPTS, 3, spec)
+    b = hf_generate_sampler().sample(model, PROMPTS, 3, spec)
     assert torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
     assert torch.equal(a.completion_ids * a.completion_mask, b.completion_ids * b.completion_mask)
 
@@ -106,15 +101,15 @@ def test_full_sample_streams_do_not_depend_on_group_size(model):
     batch shapes and rows leaving the batch at different steps (exact in float64)."""
     spec = GenerationSpec(max_new_tokens=16, temperature=1.0, eos_token_ids=(EOS, 5, 7),
                           seed=11)
-    small = FullSampler().sample(model, PROMPTS, 3, spec)
-    large = FullSampler().sample(model, PROMPTS, 7, spec)
+    small = full_sampler().sample(model, PROMPTS, 3, spec)
+    large = full_sampler().sample(model, PROMPTS, 7, spec)
     for i in range(len(PROMPTS)):
         for j in range(3):
             a, b = i * 3 + j, i * 7 + j
             assert small.completion_ids[a, : small.lengths[a]].tolist() == \
                 large.completion_ids[b, : large.lengths[b]].tolist()
     assert 0 < int(large.finished.sum()) < len(large)  # both EOS and truncation occur
-    other = FullSampler().sample(model, PROMPTS, 3, GenerationSpec(16, eos_token_ids=(EOS,),
+    other = full_sampler().sample(model, PROMPTS, 3, GenerationSpec(16, eos_token_ids=(EOS,),
                                                                    seed=12))
     assert not torch.equal(other.completion_ids[:, :4], small.completion_ids[:, :4])
 
@@ -122,7 +117,7 @@ def test_full_sample_streams_do_not_depend_on_group_size(model):
 def test_rollouts_layout_and_stats(model):
     spec = GenerationSpec(max_new_tokens=9, eos_token_ids=(EOS, 5, 7), seed=3)
     with ForwardCounter(model) as seen:
-        r = FullSampler().sample(model, PROMPTS, 4, spec)
+        r = full_sampler().sample(model, PROMPTS, 4, spec)
     assert r.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert r.sample_index.tolist() == [0, 1, 2, 3] * 3
     assert torch.equal(r.completion_mask.sum(1), r.lengths)
@@ -137,7 +132,7 @@ def test_rollouts_layout_and_stats(model):
     assert r.stats.generated_tokens == int(r.lengths.sum())
     assert r.stats.max_concurrency == 4 and r.stats.peak_kv_bytes > 0
     with ForwardCounter(model) as seen:
-        h = HFGenerateSampler().sample(model, PROMPTS, 4, spec)
+        h = hf_generate_sampler().sample(model, PROMPTS, 4, spec)
     assert h.stats.prefill_tokens == seen.prompt_tokens == 4 * sum(map(len, PROMPTS))
     assert h.stats.prefill_passes == seen.prefills
     assert h.stats.peak_kv_bytes > 0
@@ -148,16 +143,17 @@ def test_full_peak_kv_matches_the_layouts_closed_form(model, prompt_kv):
     """copied: G slot rows of (longest prompt + max_new_tokens), plus the prompt's own KV while
     its samples are being placed; shared: G rows of max_new_tokens, plus the one live prompt
     (the longest, 9 tokens); the planner's prediction bounds it."""
+    from samplers.layout import kv_layout
     from samplers.memory import live_prompt_bound, predict_peak_bytes
 
     spec = GenerationSpec(max_new_tokens=6, eos_token_ids=())
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6]]
-    r = FullSampler(prompt_kv).sample(model, prompts, 5, spec)
+    r = full_sampler(prompt_kv).sample(model, prompts, 5, spec)
     cfg = model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8  # float64
     tokens = 5 * (9 + 6) + 9 if prompt_kv == "copied" else 5 * 6 + 9
     assert r.stats.peak_kv_bytes == tokens * per_token
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     live = live_prompt_bound(3, 5, 5, rounds=True)
-    predicted = predict_peak_bytes(model, prompts, spec, 5, prompt_kv, live) - weights
+    predicted = predict_peak_bytes(model, prompts, spec, 5, kv_layout(prompt_kv), live) - weights
     assert r.stats.peak_kv_bytes <= predicted

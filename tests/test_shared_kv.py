@@ -7,19 +7,11 @@ import torch
 
 from predictors import OraclePredictor
 from samplers.base import GenerationSpec
-from samplers.continuous import ContinuousSampler
-from samplers.full import FullSampler
-from samplers.infinite import InfiniteSampler
-from samplers.micro import MicroSampler
-from tests.helpers import tiny_lm
-
-# prompts of 41, 2, 17 and 5 tokens: rows of long and short prompts decode side by side
-PROMPTS = [[(7 * k) % 40 + 1 for k in range(41)], [9, 8], list(range(10, 27)), [20, 21, 4, 5, 6]]
-SPEC = GenerationSpec(max_new_tokens=16, temperature=1.0, eos_token_ids=(3, 5, 7), seed=5)
+from tests.helpers import (MIXED_PROMPTS, MIXED_SPEC, completions, continuous_sampler, full_sampler,
+                           infinite_sampler, micro_sampler, tiny_lm)
 
 
-def completions(r) -> list[list[int]]:
-    return [r.completion_ids[k, : r.lengths[k]].tolist() for k in range(len(r))]
+
 
 
 def generate_greedy(model, prompts: list[list[int]], new: int, eos: int = 3) -> list[list[int]]:
@@ -35,10 +27,10 @@ def generate_greedy(model, prompts: list[list[int]], new: int, eos: int = 3) -> 
 
 
 def samplers(prompt_kv: str) -> list:
-    return [FullSampler(prompt_kv), MicroSampler(3, prompt_kv=prompt_kv),
-            ContinuousSampler(3, prompt_kv=prompt_kv),
-            InfiniteSampler(3, probe_tokens=2, prompt_kv=prompt_kv),
-            InfiniteSampler(4, probe_tokens=0, prompt_kv=prompt_kv, predictor=OraclePredictor())]
+    return [full_sampler(prompt_kv), micro_sampler(3, prompt_kv=prompt_kv),
+            continuous_sampler(3, prompt_kv=prompt_kv),
+            infinite_sampler(3, probe_tokens=2, prompt_kv=prompt_kv),
+            infinite_sampler(4, probe_tokens=0, prompt_kv=prompt_kv, predictor=OraclePredictor())]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
@@ -46,11 +38,11 @@ def test_schedule_invariance_in_both_layouts(family):
     """float64: every engine sampler, shared or copied, returns the completions of `full` with
     copied prompts, although its rows mix prompts of 2 to 41 tokens in one step."""
     model = tiny_lm(family)
-    reference = FullSampler("copied").sample(model, PROMPTS, 5, SPEC)
+    reference = full_sampler("copied").sample(model, MIXED_PROMPTS, 5, MIXED_SPEC)
     assert len(set(reference.lengths.tolist())) > 3
     for prompt_kv in ("shared", "copied"):
         for sampler in samplers(prompt_kv):
-            r = sampler.sample(model, PROMPTS, 5, SPEC)
+            r = sampler.sample(model, MIXED_PROMPTS, 5, MIXED_SPEC)
             assert completions(r) == completions(reference), (prompt_kv, type(sampler).__name__)
             assert torch.equal(r.finished, reference.finished)
     assert model.config._attn_implementation == "sdpa"  # restored after every decode forward
@@ -61,9 +53,9 @@ def test_schedule_invariance_in_both_layouts(family):
 def test_greedy_shared_equals_generate_with_prompts_longer_than_completions(family, attn):
     model = tiny_lm(family, attn=attn)
     spec = GenerationSpec(max_new_tokens=8, temperature=0.0, eos_token_ids=(3,))
-    expected = generate_greedy(model, PROMPTS, 8)
+    expected = generate_greedy(model, MIXED_PROMPTS, 8)
     for sampler in samplers("shared"):
-        r = sampler.sample(model, PROMPTS, 2, spec)
+        r = sampler.sample(model, MIXED_PROMPTS, 2, spec)
         assert completions(r) == [e for e in expected for _ in range(2)], type(sampler).__name__
     assert model.config._attn_implementation == attn
 
@@ -75,7 +67,7 @@ def test_shared_layout_holds_each_live_prompt_once():
     model = tiny_lm("llama")
     cfg = model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8
-    peaks = {kv: ContinuousSampler(3, prompt_kv=kv).sample(model, PROMPTS, 4, SPEC)
+    peaks = {kv: continuous_sampler(3, prompt_kv=kv).sample(model, MIXED_PROMPTS, 4, MIXED_SPEC)
              .stats.peak_kv_bytes for kv in ("copied", "shared")}
     assert peaks["copied"] >= 3 * (41 + 16) * per_token
     assert 3 * 16 * per_token + 41 * per_token <= peaks["shared"]
@@ -86,15 +78,15 @@ def test_training_forward_is_untouched_by_a_shared_run():
     model = tiny_lm("qwen3")
     ids = torch.tensor([[4, 9, 12, 30, 2, 7]])
     before = model(input_ids=ids).logits
-    FullSampler("shared").sample(model, [ids[0].tolist()], 3, SPEC)
+    full_sampler("shared").sample(model, [ids[0].tolist()], 3, MIXED_SPEC)
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cls", [FullSampler, MicroSampler, ContinuousSampler, InfiniteSampler])
+@pytest.mark.parametrize("cls", [full_sampler, micro_sampler, continuous_sampler, infinite_sampler])
 def test_bad_prompt_kv_names_the_setting(cls):
     with pytest.raises(ValueError, match="prompt_kv must be one of"):
-        cls(prompt_kv="both") if cls is not MicroSampler else cls(2, prompt_kv="both")
+        cls(prompt_kv="both") if cls is not micro_sampler else cls(2, prompt_kv="both")
 
 
 WINDOWED = {  # window 5, shorter than prompt + completion; Qwen3: layer 0 full, layer 1 sliding
@@ -112,10 +104,10 @@ def test_sliding_window_models_equal_generate(family, attn, prompt_kv):
     greedy completions of every engine sampler equal `model.generate`'s."""
     model = tiny_lm(family, attn=attn, **WINDOWED[family])
     spec = GenerationSpec(max_new_tokens=10, temperature=0.0, eos_token_ids=(3,))
-    prompts = [PROMPTS[0][:12], [9, 8], PROMPTS[2]]
+    prompts = [MIXED_PROMPTS[0][:12], [9, 8], MIXED_PROMPTS[2]]
     expected = generate_greedy(model, prompts, 10)
     unwindowed = tiny_lm(family, attn=attn, initializer_range=0.5)  # no window: it matters
-    plain = FullSampler(prompt_kv).sample(unwindowed, prompts, 1, spec)
+    plain = full_sampler(prompt_kv).sample(unwindowed, prompts, 1, spec)
     assert completions(plain) != expected
     for sampler in samplers(prompt_kv):
         r = sampler.sample(model, prompts, 2, spec)
@@ -131,12 +123,12 @@ def test_bf16_autocast_decodes_as_generate_and_keeps_kv_in_bf16(family):
     options = dict(sliding_window=5) if family == "mistral" else {}
     model = tiny_lm(family, dtype=torch.float32, **options)
     spec = GenerationSpec(max_new_tokens=12, temperature=0.0, eos_token_ids=(3,), seed=0)
-    plain = FullSampler("shared").sample(model, PROMPTS, 1, spec).stats.peak_kv_bytes
+    plain = full_sampler("shared").sample(model, MIXED_PROMPTS, 1, spec).stats.peak_kv_bytes
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = generate_greedy(model, PROMPTS, 12)
+        expected = generate_greedy(model, MIXED_PROMPTS, 12)
         for prompt_kv in ("shared", "copied"):
-            for sampler in (FullSampler(prompt_kv), ContinuousSampler(2, prompt_kv=prompt_kv)):
-                r = sampler.sample(model, PROMPTS, 1, spec)
+            for sampler in (full_sampler(prompt_kv), continuous_sampler(2, prompt_kv=prompt_kv)):
+                r = sampler.sample(model, MIXED_PROMPTS, 1, spec)
                 assert completions(r) == expected, (prompt_kv, type(sampler).__name__)
-        shared = FullSampler("shared").sample(model, PROMPTS, 1, spec).stats.peak_kv_bytes
+        shared = full_sampler("shared").sample(model, MIXED_PROMPTS, 1, spec).stats.peak_kv_bytes
     assert shared * 2 == plain

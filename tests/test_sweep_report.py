@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from tests.conftest import ROOT, TINY
 from train import train
+from tests.helpers import TINY, compose_entry, run_entry
 
 TB = [o for o in TINY if o != "logger=csv"] + ["logger=tensorboard", "~callbacks.value_monitor"]
 
@@ -46,9 +44,8 @@ def raw_texts(folder: Path, tag: str) -> list[str]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run(
-        [sys.executable, "train.py", "-m", *TB, "sampler=full,micro", f"hydra.sweep.dir={root}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = run_entry("train.py", "-m", *TB, "sampler=full,micro", f"hydra.sweep.dir={root}",
+                     timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return root, proc.stdout
 
@@ -81,14 +78,12 @@ def test_run_names_carry_the_swept_values(sweep):
 def test_report_over_two_sweeps(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "bench.report", str(root), str(root / "1"),
-                           "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = run_entry("-m", "bench.report", str(root), str(root / "1"), "--out", str(out),
+                     timeout=120)
     assert proc.returncode == 0, proc.stdout
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 3 and rows[1]["step s"] == rows[2]["step s"]  # job 1 twice
-    bad = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "none")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    bad = run_entry("-m", "bench.report", str(tmp_path / "none"))
     assert bad.returncode == 1 and bad.stdout.startswith("error: no run found")
 
 
@@ -117,5 +112,4 @@ def test_completions_and_times_reach_tensorboard(tmp_path):
 
 
 def _cfg(tmp_path, *overrides):
-    from tests.conftest import compose_config
-    return compose_config([*TB, *overrides], tmp_path)
+    return compose_entry("train", [*TB, *overrides], tmp_path)

@@ -10,8 +10,8 @@ import torch
 
 from callbacks.digest import weight_digest
 from modules.rewards import RewardError
-from tests.conftest import ROOT
 from train import train
+from tests.helpers import ROOT, run_entry
 
 SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml"))
 # Reward = fraction of digit characters: a tiny random policy can learn it in a few dozen steps.
@@ -164,31 +164,25 @@ def test_broken_reward_is_named_and_checkpoint_kept(tiny_cfg, tmp_path, reward):
 
 
 def test_unknown_sampler_is_a_clear_cli_error(tmp_path):
-    import subprocess
-    import sys
-    out = subprocess.run(
-        [sys.executable, "train.py", "sampler=nope", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_entry("train.py", "sampler=nope", f"hydra.run.dir={tmp_path}", timeout=120)
     assert out.returncode != 0
-    assert "sampler" in out.stderr and "nope" in out.stderr
-    assert "Available options" in out.stderr and "Traceback" not in out.stderr
+    assert "sampler" in out.stdout and "nope" in out.stdout
+    assert "Available options" in out.stdout and "Traceback" not in out.stdout
 
 
 def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
     """A process killed while writing a checkpoint (half its bytes out) leaves the previous
     file intact and loadable, and no stray temporary file."""
-    import subprocess
-    import sys
     import textwrap
 
     target = tmp_path / "last.ckpt"
-    from callbacks.checkpoint import AtomicCheckpointIO
+    from modules.checkpoints import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint({"step": 1, "state_dict": {"w": torch.ones(1000)}},
                                          target)
     script = textwrap.dedent(f"""
         import os, torch
-        from callbacks.checkpoint import AtomicCheckpointIO
+        from modules.checkpoints import AtomicCheckpointIO
         real_save = torch.save
         def dying_save(obj, handle, *args, **kwargs):
             import io
@@ -202,9 +196,8 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path):
                                               "state_dict": {{"w": torch.zeros(1000)}}}},
                                              {str(target)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 9, proc.stderr
+    proc = run_entry("-c", script, timeout=120)
+    assert proc.returncode == 9, proc.stdout
     loaded = AtomicCheckpointIO().load_checkpoint(target)
     assert loaded["step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(1000))
     # what the killed process left is only its own temporary file, never the target

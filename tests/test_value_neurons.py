@@ -8,60 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from tests.helpers import tiny_lm
+from tests.helpers import (PLANTED, POLE_A, POLE_B, full_sampler, hooked_acts, infinite_sampler,
+                           planted_model, pole_batch, tiny_lm)
 from values.neurons import (ActivationStats, ValueNeurons, activation_probability,
                                    gated_mlps, model_signature, random_control,
                                    record_activations, select_lape, select_neurons, steer)
-from samplers.base import GenerationSpec, cache_keyword, output_cache
-from samplers.full import FullSampler
-from samplers.infinite import InfiniteSampler
-from predictors import HistoryPredictor
-
-POLE_A, POLE_B = list(range(4, 24)), list(range(24, 44))
-PLANTED = 17  # neuron of layer 0
-
-
-def planted_model() -> torch.nn.Module:
-    """Layer 0's attention is switched off, embedding feature 0 is +3 on POLE_A tokens and -3
-    on POLE_B tokens, and neuron PLANTED of layer 0 reads only feature 0: it fires on A, not B.
-    No other neuron reads feature 0, and PLANTED writes nothing downstream."""
-    model = tiny_lm(vocab_size=48, seed=1)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.o_proj.weight.zero_()
-        emb = model.model.embed_tokens.weight
-        emb[POLE_A, 0], emb[POLE_B, 0] = 3.0, -3.0
-        gate = model.model.layers[0].mlp.gate_proj.weight
-        gate[:, 0] = 0.0
-        gate[PLANTED] = 0.0
-        gate[PLANTED, 0] = 4.0
-        model.model.layers[0].mlp.down_proj.weight[:, PLANTED] = 0.0  # nothing downstream
-        model.model.layers[1].mlp.gate_proj.weight[:, 0] = 0.0  # feature 0 is read only there
-    return model
-
-
-def pole_batch(tokens: list[int], seed: int, rows: int = 6, width: int = 12):
-    """Random sequences: a 4-token 'prompt' from the whole vocab, then pole tokens as the
-    'response' (the only tokens counted)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 48, (rows, width), generator=gen)
-    pick = torch.tensor(tokens)[torch.randint(len(tokens), (rows, width - 4), generator=gen)]
-    ids[:, 4:] = pick
-    mask = torch.zeros(rows, width, dtype=torch.bool)
-    mask[:, 4:] = True
-    return ids, mask
-
-
-def hooked_acts(model, ids) -> list[torch.Tensor]:
-    """Every layer's act_fn output by plain forward hooks (independent of the module)."""
-    out = []
-    hooks = [mlp.act_fn.register_forward_hook(lambda m, i, o: out.append(o.detach()))
-             for mlp in gated_mlps(model)]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    return out
-
+from samplers.base import GenerationSpec
+from common.compat import cache_keyword, output_cache
 
 def test_activation_probability_matches_forward_hooks():
     model = planted_model()
@@ -266,9 +219,8 @@ def test_steered_engine_matches_steered_generate():
         with steer(model, target, 2.0, fraction=1.0):
             expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:]
-            full = FullSampler().sample(model, [prompt], 2, spec)
-            infinite = InfiniteSampler(2, probe_tokens=3, predictor=HistoryPredictor()).sample(
-                model, [prompt], 2, spec)
+            full = full_sampler().sample(model, [prompt], 2, spec)
+            infinite = infinite_sampler(2, probe_tokens=3).sample(model, [prompt], 2, spec)
     assert not torch.equal(plain, expected)
     for rollouts in (full, infinite):
         for row in range(2):

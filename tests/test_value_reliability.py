@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_value_neurons import PLANTED, POLE_A, POLE_B, hooked_acts, planted_model, \
-    pole_batch
 from values.neurons import ActivationStats
 from values.reliability import (BINS, NullDistribution, average_ranks, jaccard,
                                 permutation_null, spearman, split_half)
 from values.selection import NullFdr, TopDelta
 from values.location import SourceStats, response_statistics
 from values.statistics import PromptCounts
+from tests.helpers import (PLANTED, POLE_A, POLE_B, continuous_sampler, hooked_acts, planted_model,
+                           pole_batch)
 
 
 def counts_of(model, tokens, seeds, rows=4, width=12) -> SourceStats:
@@ -153,7 +153,6 @@ def test_counts_recorded_while_decoding_match_a_forward_over_the_responses():
     """record_decoding counts each generated token fed back (all but the last of each
     response), per prompt; independently: forward hooks over prompt + response."""
     from samplers.base import GenerationSpec
-    from samplers.continuous import ContinuousSampler
     from values.statistics import record_decoding
     from values.location import sequences
 
@@ -161,9 +160,10 @@ def test_counts_recorded_while_decoding_match_a_forward_over_the_responses():
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(4, 48, (int(n),), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
     stats, counts = ActivationStats.for_model(model), PromptCounts.for_model(model, 5)
-    spec = GenerationSpec(6, temperature=1.0, eos_token_ids=[2, 3], seed=0)
-    with record_decoding(model, stats, counts):
-        rollouts = ContinuousSampler(micro_group_size=2).sample(model, prompts, 1, spec)
+    with record_decoding(model, stats, counts) as recorder:
+        spec = GenerationSpec(6, temperature=1.0, eos_token_ids=[2, 3], seed=0,
+                              on_decode=recorder.on_decode)
+        rollouts = continuous_sampler(micro_group_size=2).sample(model, prompts, 1, spec)
     ids, mask = sequences(prompts, rollouts, 0)
     for r in range(len(rollouts)):  # count the response tokens but the last
         last = int(mask[r].nonzero().max())

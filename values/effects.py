@@ -1,5 +1,5 @@
 """Effects of a condition on an instrument, with paired bootstrap intervals, and the positive
-control gate (DESIGN.md section 9).
+control gate (docs/ARCHITECTURE.md section 9).
 
 An instrument gives one score per unit, oriented toward its axis's first pole, and a sign per
 unit (+1 a unit of the first pole, -1 of the second). The effect of a condition is the mean

@@ -1,4 +1,4 @@
-"""The phases of a value-neuron experiment (DESIGN.md section 9), called in order by
+"""The phases of a value-neuron experiment (docs/ARCHITECTURE.md section 9), called in order by
 `locate_values.py`; each takes typed inputs and returns a typed value.
 
 1. values/location.py: `location_statistics` (greedy responses to location prompts, a

@@ -1,8 +1,8 @@
-"""The instruments that measure a model's value orientation on one axis (DESIGN.md section 9).
-Each gives one score per unit (a dilemma, a statement, an item, a generated answer), oriented
-toward the axis's first pole, and a sign per unit (+1: a unit of the first pole, -1: of the
-second); an effect is the mean change over +1 units minus that over -1 units
-(values/effects.py). Hydra picks them from configs/instruments/.
+"""The instruments that measure a model's value orientation on one axis (docs/ARCHITECTURE.md
+section 9). Each gives one score per unit (a dilemma, a statement, an item, a generated answer),
+oriented toward the axis's first pole, and a sign per unit (+1: a unit of the first pole, -1: of the
+second); an effect is the mean change over +1 units minus that over -1 units (values/effects.py).
+Hydra picks them from configs/instruments/.
 
 - `dilemmas`: log p(first pole's answer) - log p(second's) per held-out dilemma, per token,
   teacher-forced and steered at every answer-predicting position.
@@ -55,11 +55,13 @@ class Subject:
     def steering(self, settings: SteerSettings | None) -> Any:
         return nullcontext(None) if settings is None else settings.context(self.model)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[Any, list[str]]:
-        """Greedy responses (one per prompt) with the configured sampler, and their text."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int,
+                 on_decode: Any = None) -> tuple[Any, list[str]]:
+        """Greedy responses (one per prompt) with the configured sampler, and their text
+        (`on_decode`: the GenerationSpec's decode observer, e.g. a `record_decoding`'s)."""
         self.model.eval()
         spec = GenerationSpec(max_new_tokens, temperature=0.0, eos_token_ids=self.eos,
-                              seed=self.seed)
+                              seed=self.seed, on_decode=on_decode)
         rollouts = self.sampler.sample(self.model, prompts, 1, spec)
         texts = self.tokenizer.batch_decode(
             [ids[:n].tolist() for ids, n in zip(rollouts.completion_ids, rollouts.lengths)],

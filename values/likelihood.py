@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from samplers.base import cache_keyword, output_cache
+from common.compat import cache_keyword, output_cache
 from values.hooks import steering_paused
 
 

@@ -1,4 +1,4 @@
-"""Where a value-neuron location's activations come from (DESIGN.md section 9, phase 1 of
+"""Where a value-neuron location's activations come from (docs/ARCHITECTURE.md section 9, phase 1 of
 values/experiment.py): per source (a pole, or "<pole>_reversed"), activation statistics pooled
 and per unit.
 
@@ -113,8 +113,9 @@ def location_statistics(subject: Subject, settings: Any, sources: list[str],
         prompts = location_prompts(subject, source, settings.pairs)
         stats = ActivationStats.for_model(subject.model)
         counts = PromptCounts.for_model(subject.model, len(prompts))
-        with record_decoding(subject.model, stats, counts):
-            rollouts, texts = subject.generate(prompts, settings.max_new_tokens)
+        with record_decoding(subject.model, stats, counts) as recorder:
+            rollouts, texts = subject.generate(prompts, settings.max_new_tokens,
+                                               recorder.on_decode)
         out[source] = SourceStats(stats.compute(), counts, texts)
         log(f"source {source}: {settings.pairs} responses, {out[source].summary.tokens} "
             f"response tokens, {rollouts.stats.wall_time_s:.1f} s sampling")

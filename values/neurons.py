@@ -1,5 +1,5 @@
-"""Value neurons (ValueLocate, arXiv 2505.17712): activation statistics of every gated-MLP
-neuron, neuron selection by contrasting two value poles, and steering (DESIGN.md section 9).
+"""Value neurons (ValueLocate, arXiv 2505.17712): activation statistics of every gated-MLP neuron,
+neuron selection by contrasting two value poles, and steering (docs/ARCHITECTURE.md section 9).
 
 A gated MLP computes down(act(gate(x)) * up(x)); its neurons are the d_ff entries of
 a = act(gate(x)), with the model's own `act_fn` (SiLU for Llama/Qwen, GeLU-tanh for Gemma).

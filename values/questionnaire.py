@@ -1,4 +1,4 @@
-"""The portrait questionnaire (DESIGN.md section 9): at the answer position the model's
+"""The portrait questionnaire (docs/ARCHITECTURE.md section 9): at the answer position the model's
 probabilities over the six option tokens "1".."6" give an expected score per item. The
 `questionnaire` instrument (values/instruments.py) contrasts the items of an axis's two poles,
 which removes the respondent's overall scale use (the usual centring) by construction.
@@ -15,7 +15,7 @@ import torch
 
 from values.hooks import steering_paused
 from values.likelihood import SharedPrefix
-from samplers.base import cache_keyword, output_cache
+from common.compat import cache_keyword, output_cache
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
                 "security", "conformity", "tradition", "benevolence", "universalism")

@@ -1,5 +1,5 @@
-"""How much of a located neuron set is signal (DESIGN.md section 9): a permutation null over
-whole location prompts and split-half reliability, both from per-prompt counts
+"""How much of a located neuron set is signal (docs/ARCHITECTURE.md section 9): a permutation null
+over whole location prompts and split-half reliability, both from per-prompt counts
 (`values.statistics.PromptCounts`).
 
 - Permutation null: the pole labels of the two contrasted response sets are shuffled across

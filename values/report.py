@@ -8,8 +8,6 @@ The verdicts themselves are values/verdict.py's.
 """
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,32 +16,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common import tables  # noqa: E402
 from values.neurons import OPPOSITE  # noqa: E402
 from values.verdict import VerdictRule, instrument_row, read, verdict  # noqa: E402
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
 def write_table(rows: list[dict[str, Any]], stem: Path, title: str = "") -> str:
-    """Write rows as `<stem>.csv` and `<stem>.md`; return the Markdown."""
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order
-    rows = [{c: r.get(c, "") for c in columns} for r in rows]
-    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"## {title}\n" if title else "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
-    text = "\n".join(line for line in lines if line) + "\n"
-    stem.with_suffix(".md").write_text(text)
-    return text
+    """`rows` as <stem>.csv and <stem>.md under `## title`; returns the Markdown."""
+    return tables.write_table(rows, stem, f"## {title}" if title else "")
 
 
 def dose_figure(m: Any, instrument: str, dims: Sequence[str],

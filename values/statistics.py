@@ -1,4 +1,5 @@
-"""Per-neuron activation statistics of the gated MLPs over selected tokens (DESIGN.md 9).
+"""Per-neuron activation statistics of the gated MLPs over selected tokens (docs/ARCHITECTURE.md
+section 9).
 
 `ActivationStats` is a torchmetrics `Metric` with sum states only (a histogram per neuron), so
 DDP ranks reduce exactly; `record_activations` feeds it from every forward, and optionally a
@@ -173,15 +174,19 @@ class _Recorder:
 
 class _DecodeRecorder:
     """Counts the engine's decode forwards only (one generated token per row, rows mapped to
-    prompts by `samplers.engine.DECODING_PROMPTS`); prompt prefills are not counted."""
+    prompts by `on_decode`, the GenerationSpec's observer); prompt prefills are not counted."""
 
     def __init__(self, stats: ActivationStats, counts: PromptCounts) -> None:
         self.stats, self.counts, self.forwards = stats, counts, 0
+        self.prompts: torch.Tensor | None = None  # of the decode forward in progress
+
+    def on_decode(self, prompts: torch.Tensor | None) -> None:
+        """The engine's call before (the rows' prompt indices) and after (None) each decode
+        forward: pass it as `GenerationSpec(on_decode=recorder.on_decode)`."""
+        self.prompts = prompts
 
     def __call__(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        from samplers.engine import DECODING_PROMPTS
-
-        prompts = DECODING_PROMPTS.get()
+        prompts = self.prompts
         if prompts is None or a.shape[1] != 1:
             return a
         a = a.detach()
@@ -196,8 +201,9 @@ def record_decoding(model: Any, stats: ActivationStats,
                     counts: PromptCounts) -> Iterator[_DecodeRecorder]:
     """Count every generated token's activations while the decode engine generates, per
     prompt: the token fed at each decode step (every generated token but the last, which is
-    never fed back), as the authors' code counts vLLM's decode steps. Needs a sampler that
-    decodes through samplers/engine.py (full, micro, continuous, infinite)."""
+    never fed back), as the authors' code counts vLLM's decode steps. Generate with
+    `GenerationSpec(on_decode=recorder.on_decode)`, with a sampler that decodes through
+    samplers/engine.py (full, micro, continuous, infinite)."""
     recorder = _DecodeRecorder(stats, counts)
     with wrap_activations(model, recorder):
         yield recorder

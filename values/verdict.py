@@ -1,5 +1,5 @@
 """What a value-neuron run may conclude, per dimension: shown, ruled out, inconclusive, location
-unreliable, or not testable (DESIGN.md section 9).
+unreliable, or not testable (docs/ARCHITECTURE.md section 9).
 
     rule = VerdictRule(gamma=2.0, equivalence=0.5, max_perplexity=1.5, min_reliability=0.5)
     rows = [instrument_row(measurement, name, "conservation", rule.gamma) for name in names]

@@ -1,4 +1,5 @@
-"""Value data for locating and validating value neurons (DESIGN.md section 9), with its loader.
+"""Value data for locating and validating value neurons (docs/ARCHITECTURE.md section 9), with its
+loader.
 
 Written for this project and shipped beside this file (no questionnaire or data-set text is
 copied from elsewhere), read as plain JSON lines:

@@ -205,3 +205,22 @@ def run_reporting_errors(run: Callable[[DictConfig], tuple], cfg: DictConfig) ->
         if multirun():
             return None
         raise SystemExit(1) from None
+
+
+def run_and_report(run: Callable[[DictConfig], tuple], cfg: DictConfig,
+                   report: Callable[..., float | None]) -> float | None:
+    """An entry point's `main`: `run(cfg)` with its errors reported (`run_reporting_errors`),
+    then `report(cfg, metrics, objects)` of what it made, whose value goes back to Hydra (the
+    sweeper's objective); None for a multirun job's user error (the sweep goes on)."""
+    result = run_reporting_errors(run, cfg)
+    return None if result is None else report(cfg, *result)
+
+
+def trainer_metrics(trainer: Any) -> dict[str, float]:
+    """The scalar metrics a Lightning trainer ended with."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def metric_summary(metrics: dict[str, float], prefixes: tuple[str, ...]) -> str:
+    """`name=value, ...` of the metrics whose names start with one of `prefixes`."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(prefixes))
