@@ -39,7 +39,7 @@ class SlotSettings:
 
     def __post_init__(self) -> None:
         m, budget = self.micro_group_size, self.memory_budget_gb
-        if m == AUTO:
+        if self.auto:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
                 raise ValueError("micro_group_size=auto needs memory_budget_gb > 0 (GiB for "
                                  f"weights, KV and logits), got {budget!r}")
