@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from common.units import GB
-from samplers.scheduling import steps_lower_bound
+from samplers.scheduling import list_schedule_makespan, steps_lower_bound
 
 
 
@@ -36,6 +36,8 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
             else stats.generated_tokens)
     if stats.predictor is not None:  # infinite
         extra["sampling/probe_steps"] = float(stats.probe_steps)
+    if stats.slots is not None and not stats.biased_to_short:  # an engine sampler on m slots
+        extra.update(whole_call_metrics(rollouts.lengths.tolist(), steps, stats.slots))
     if stats.predicted_peak_bytes is not None:  # engine samplers: the `auto` planner's model
         extra["memory/predicted_peak_gb"] = stats.predicted_peak_bytes / GB
         extra["memory/predicted_sampling_gb"] = stats.predicted_sampling_bytes / GB
@@ -56,6 +58,18 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
         "sampling/clipped_ratio": float((~rollouts.finished).float().mean()),
         "memory/kv_peak_gb": stats.peak_kv_bytes / GB,
     }
+
+
+def whole_call_metrics(lengths: list[int], steps: int, slots: int) -> dict[str, float]:
+    """The whole call's decoding steps, probe included, against the lower bound of all its
+    lengths and against `continuous` on the same lengths (list scheduling in (prompt, sample)
+    order on the same m slots): what a length-aware schedule must beat."""
+    bound = steps_lower_bound(lengths, slots)
+    continuous = list_schedule_makespan(lengths, slots)
+    return {"sampling/total_steps": float(steps),
+            "sampling/total_over_lb": steps / bound if bound else 1.0,
+            "sampling/continuous_steps": float(continuous),
+            "sampling/total_over_continuous": steps / continuous if continuous else 1.0}
 
 
 class SamplingStatsLogger(pl.Callback):

@@ -8,8 +8,9 @@ import torch
 from samplers.base import GenerationSpec
 from predictors import hidden_predictor, HistoryPredictor, OraclePredictor
 from samplers.scheduling import REFILLS, steps_lower_bound
-from tests.helpers import (ForwardCounter, PROMPTS, SPEC, ScriptedLM, completions, full_sampler,
-                           infinite_sampler, micro_sampler, tiny_lm)
+from tests.helpers import (ForwardCounter, PROMPTS, SPEC, ScriptedLM, completions,
+                           continuous_sampler, full_sampler, infinite_sampler, micro_sampler,
+                           tiny_lm)
 
 SCRIPTED = GenerationSpec(max_new_tokens=64, eos_token_ids=(ScriptedLM.EOS,))
 
@@ -223,6 +224,35 @@ def test_plan_is_never_worse_than_plain_lpt():
             lengths, refill_order(lengths, "lpt"), m)
     assert infinite_sampler(2, grouping="none", refill="sjf").order([3.0, 1.0, 2.0], 2) == \
         ("sjf", [1, 2, 0])
+
+
+def test_whole_call_steps_against_continuous_and_the_bound_by_hand():
+    """Lengths 10, 4, 7, 12, 6 on m = 2. Continuous refill in (prompt, sample) order, by hand:
+    slot A runs 10 then 12 (ends 22), slot B 4, 7, 6 (ends 17): 22 steps, which the
+    `continuous` sampler takes too. The bound is max(12, ceil(39 / 2)) = 20. `infinite` with
+    the oracle and k = 2: every sample decodes 3 tokens in the probe, three waves on 2 slots
+    (9 steps); the remaining 8, 2, 5, 10, 4 longest first end at 15 (slot A: 10, 4; B: 8, 5,
+    2), the bound of the decode phase; 24 steps in all: 24 / 22 and 24 / 20."""
+    from callbacks.sampling import sampling_metrics
+
+    lengths, m = [10, 4, 7, 12, 6], 2
+    prompts = [[n, 4] for n in lengths]
+    cont = continuous_sampler(m).sample(ScriptedLM(), prompts, 1, SCRIPTED)
+    assert cont.stats.decoding_steps == 22
+    metrics = sampling_metrics(cont)
+    assert metrics["sampling/continuous_steps"] == 22 and metrics["sampling/total_steps"] == 22
+    assert metrics["sampling/total_over_continuous"] == 1.0
+    assert metrics["sampling/total_over_lb"] == pytest.approx(22 / 20)
+    r = infinite_sampler(m, probe_tokens=2, predictor=OraclePredictor()).sample(
+        ScriptedLM(), prompts, 1, SCRIPTED)
+    metrics = sampling_metrics(r)
+    assert (r.stats.probe_steps, r.stats.decoding_steps) == (9, 15)
+    assert metrics["sampling/total_steps"] == 24
+    assert metrics["sampling/total_over_continuous"] == pytest.approx(24 / 22)
+    assert metrics["sampling/total_over_lb"] == pytest.approx(24 / 20)
+    # dynamic continuous keeps the first finishers: no comparison on its biased lengths
+    dynamic = continuous_sampler(m, mode="dynamic").sample(ScriptedLM(), prompts, 1, SCRIPTED)
+    assert "sampling/total_over_continuous" not in sampling_metrics(dynamic)
 
 
 def test_steps_over_lb_is_one_when_every_sample_ends_inside_the_probe():
