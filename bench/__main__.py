@@ -16,7 +16,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bench.core import CONFIGS, Bench, Table, plot_gantts, write
+from bench.core import CONFIGS, Bench, Table, plot_gantts
+from common.tables import write_table
 from entry.run import run_reporting_errors
 from bench.lengths import table_predictor, table_record, table_scheduler
 from bench.prompt_kv import table_prompt_kv
@@ -46,9 +47,9 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
     bench = Bench(cfg)
     table = TABLES[cfg.table](bench)
     stem = Path(cfg.out_dir) / cfg.name
-    write(table.rows, stem, header(bench))
+    write_table(table.rows, stem, header(bench))
     if table.groups:
-        write(table.groups, stem.with_name(stem.name + "_groups"), header(bench))
+        write_table(table.groups, stem.with_name(stem.name + "_groups"), header(bench))
     plot_gantts(bench.traces, stem)
     if table.plot is not None:
         table.plot(table.rows, stem)

@@ -28,7 +28,6 @@ from callbacks.sampling import sampling_metrics
 from modules.rewards import gsm8k_reward
 from samplers.prediction import LengthPredictor
 from samplers.base import GenerationSpec, Sampler, SlotSpan
-from common.tables import write_table
 from samplers.memory import predict_peak_bytes
 
 log = logging.getLogger("bench")
@@ -178,11 +177,6 @@ class Bench:
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def write(rows: list[Row], stem: Path, header: str) -> None:
-    """`rows` as <stem>.csv and as a Markdown table under `header` in <stem>.md."""
-    write_table(rows, stem, header)
 
 
 def plot_gantts(traces: dict[str, tuple[list[SlotSpan], int]], stem: Path) -> None:

@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides, ranks = SETTINGS[name]
         rows.append(run_setting(name, overrides, ranks, args, out))
         print(f"{name}: {rows[-1]}", flush=True)
-    from bench.core import write
+    from common.tables import write_table
 
-    write(rows, out, f"`python -m bench.scale_out {' '.join(argv or sys.argv[1:])}`")
+    write_table(rows, out, f"`python -m bench.scale_out {' '.join(argv or sys.argv[1:])}`")
     print((out.with_suffix(".md")).read_text())
     return 0
 

@@ -218,10 +218,12 @@ class _Run:
         step = 0
         while True:
             m = self.e.slots
-            for sample in self.queue.admit(m - self.n, self.n):
+            admitted = self.queue.admit(m - self.n, self.n)
+            for sample in admitted:
                 self.place(sample, step)
             self.track_memory()
-            self.release_prompts()  # copied: the prompts whose samples were all placed
+            if admitted:  # copied: the prompts whose samples were all placed
+                self.release_prompts()
             if self.n == 0:
                 break
             self.stats.max_concurrency = max(self.stats.max_concurrency, self.n)

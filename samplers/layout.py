@@ -60,7 +60,7 @@ class SharedLayout:
         return max_new_tokens
 
     def first_column(self, prompt_len: Any) -> Any:
-        return 0 * prompt_len
+        return 0  # broadcasts against a row's completion columns
 
     def holds_prompt(self) -> bool:
         return False

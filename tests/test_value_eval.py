@@ -110,14 +110,14 @@ def test_expected_scores_by_hand():
 def test_answer_probabilities_equal_unpadded_forwards(char_tokenizer, persona):
     """Left padding and the cached prefixes give what one plain forward per prompt gives,
     unsteered and steered (the steered forward steers its last position); with a persona
-    every prompt begins with, its tokens are prefilled once (SharedPrefix) for all."""
-    from values.likelihood import SharedPrefix
+    every prompt begins with, its tokens are prefilled once (CommonPrefix) for all."""
+    from values.likelihood import CommonPrefix
 
     model = tiny_lm(vocab_size=len(char_tokenizer), seed=5)
     options = option_token_ids(char_tokenizer)
     prompts = [char_tokenizer.encode(persona + t, add_special_tokens=False)
                for t in ("How like you? ", "A much longer question here? ", "x:")]
-    assert SharedPrefix(model, prompts).length == len(persona)
+    assert CommonPrefix(model, prompts).length == len(persona)
     cache = AnswerCache(model, prompts, char_tokenizer.pad_token_id, batch_size=2)
     neurons = ValueNeurons(torch.tensor([0, 0, 1]), torch.tensor([3, 8, 4]), torch.ones(3),
                            torch.full((3,), 30.0), {"model": model_signature(model)})

@@ -217,12 +217,12 @@ def test_continuation_scorer_against_plain_forwards_again_and_again(family, wind
 @pytest.mark.parametrize("family, window", [("llama", None), ("mistral", 5)])
 def test_continuation_scorer_shares_a_persona_prefix(family, window):
     """Contexts that all begin with the same tokens (a persona's system prompt): those are
-    prefilled once for every row (`SharedPrefix`; not with sliding-window layers), and the
+    prefilled once for every row (`CommonPrefix`; not with sliding-window layers), and the
     scores still equal one plain forward per row, unsteered and under steering (which never
     reaches the shared tokens) against the stepwise reference; the shared length stops one
     token short of the shortest context's prefix."""
     from tests.helpers import tiny_lm
-    from values.likelihood import ContinuationScorer, SharedPrefix, common_prefix_length
+    from values.likelihood import ContinuationScorer, CommonPrefix, common_prefix_length
 
     extra = {} if window is None else {"sliding_window": window}
     model = tiny_lm(family, seed=4, **extra)
@@ -237,8 +237,8 @@ def test_continuation_scorer_shares_a_persona_prefix(family, window):
     # sliding-window layers count cache slots: the padding after the shared tokens would
     # narrow a short row's window, so nothing is shared there
     shared = len(persona) - 1 if window is None else 0
-    assert SharedPrefix(model, [c[:-1] for c in contexts]).length == shared
-    assert SharedPrefix(model, [[1, 2, 3, 4, 5]]).length == 0  # one sequence: nothing shared
+    assert CommonPrefix(model, [c[:-1] for c in contexts]).length == shared
+    assert CommonPrefix(model, [[1, 2, 3, 4, 5]]).length == 0  # one sequence: nothing shared
     for batch_size in (2, 5):
         scorer = ContinuationScorer(model, rows, pad_token_id=0, batch_size=batch_size)
         expected = torch.tensor([answer_logprob(model, c, x) for c, x in rows],

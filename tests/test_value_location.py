@@ -19,7 +19,7 @@ from values.experiment import (LocateSettings, Reliability, arms, choose_sources
                                neuron_sets)
 from values.location import location_prompts, teacher_forced_rows, teacher_forced_statistics
 from values.instruments import Subject
-from values.likelihood import SharedPrefix
+from values.likelihood import CommonPrefix
 from values.neurons import DIMENSIONS, OPPOSITE, SteerSettings, ValueNeurons, gated_mlps, \
     model_signature, random_control, select_neurons
 from values.reliability import SplitHalf
@@ -97,7 +97,7 @@ def test_teacher_forced_statistics_match_forward_hooks(data, policy):
         for layer, acts in enumerate(seen):
             over[r, layer] = (acts[0, len(context):] > 0).sum(0)
     # the question every statement answers is prefilled once for all (not counted)
-    assert SharedPrefix(policy.model, [c + t for c, t in rows], limit=len(rows[0][0])).length \
+    assert CommonPrefix(policy.model, [c + t for c, t in rows], limit=len(rows[0][0])).length \
         == len(rows[0][0]) > 0
     tokens = torch.tensor([len(t) for _, t in rows])
     assert torch.equal(stats.counts.tokens, tokens)

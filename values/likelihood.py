@@ -7,7 +7,7 @@ position and every continuation position but the last. Everything before the con
 token is therefore the same under every steering condition, so its KV is computed once,
 unsteered, and each condition costs one forward over (last context token + continuation).
 The tokens every context begins with (a persona's system prompt and the chat template around
-it) are prefilled once for all rows (`SharedPrefix`), not once per context.
+it) are prefilled once for all rows (`CommonPrefix`), not once per context.
 
     scorer = ContinuationScorer(model, [(context_ids, answer_ids), ...], pad_token_id=0)
     mean_logp = scorer.mean_logprobs(model)                  # [n]: nats per answer token
@@ -38,7 +38,7 @@ def common_prefix_length(seqs: Sequence[Sequence[int]], limit: int | None = None
     return k
 
 
-class SharedPrefix:
+class CommonPrefix:
     """The KV of the tokens that every sequence of a condition begins with, computed once
     (one row, unsteered) instead of once per row; `inputs(model, rows)` gives each batch a
     copy to prefill the rest after. `length` is 0 (no shared KV) when `seqs` share fewer
@@ -46,7 +46,7 @@ class SharedPrefix:
     layers (their window counts cache slots, so the padding between the shared tokens and
     a shorter row's own would narrow that row's window).
 
-        shared = SharedPrefix(model, prompts)
+        shared = CommonPrefix(model, prompts)
         rest = [p[shared.length:] for p in prompts]   # left-padded after the shared tokens
         model(input_ids=..., attention_mask=[ones(L) | rest mask], position_ids=...,
               use_cache=True, **shared.inputs(model, rows))
@@ -99,7 +99,7 @@ class ContinuationScorer:
             raise ValueError("every context needs two tokens and every continuation one")
         device = next(model.parameters()).device
         # the tokens every context starts with (the chat template, a persona): prefilled once
-        shared = SharedPrefix(model, [c[:-1] for c, _ in rows])
+        shared = CommonPrefix(model, [c[:-1] for c, _ in rows])
         skip = shared.length
         self.batches = []
         for start in range(0, len(rows), batch_size):

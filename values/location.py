@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from values.instruments import Subject
-from values.likelihood import SharedPrefix
+from values.likelihood import CommonPrefix
 from values.statistics import ActivationStats, ActivationSummary, PromptCounts, \
     record_activations, record_decoding
 
@@ -90,7 +90,7 @@ def response_statistics(model: Any, ids: torch.Tensor, mask: torch.Tensor,
     # shared question) are prefilled once, before recording: none of them is counted
     counted = mask.any(1)
     first = int(mask[counted].float().argmax(1).min()) if counted.any() else 0
-    shared = SharedPrefix(body, ids[:, : first + 1].tolist(), limit=first)
+    shared = CommonPrefix(body, ids[:, : first + 1].tolist(), limit=first)
     skip = shared.length
     with record_activations(model, stats, counts) as recorder:
         for start in range(0, len(ids), batch_size):

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from values.hooks import steering_paused
-from values.likelihood import SharedPrefix
+from values.likelihood import CommonPrefix
 from common.compat import cache_keyword, output_cache
 
 BASIC_VALUES = ("self_direction", "stimulation", "hedonism", "achievement", "power",
@@ -64,7 +64,7 @@ class AnswerCache:
         if any(len(p) < 2 for p in prompts):
             raise ValueError("every questionnaire prompt needs at least two tokens")
         device = next(model.parameters()).device
-        shared = SharedPrefix(model, [p[:-1] for p in prompts])  # the template, prefilled once
+        shared = CommonPrefix(model, [p[:-1] for p in prompts])  # the template, prefilled once
         self.batches = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start: start + batch_size]
@@ -99,7 +99,7 @@ def answer_probabilities(model: Any, prompts: Sequence[Sequence[int]] | AnswerCa
     else:  # one condition only: the shared tokens (a persona's) prefilled once, then a
         # forward per batch over the rest
         device, out = next(model.parameters()).device, []
-        shared = SharedPrefix(model, prompts)
+        shared = CommonPrefix(model, prompts)
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start: start + batch_size]
