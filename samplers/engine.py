@@ -22,12 +22,13 @@ Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous
 `admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
 `remaining(i) -> samples of prompt i still to admit`.
 
-Probe and resume (samplers/infinite.py): with `suspend_after=k` a row that has just sampled its
-token k (and did not end) is suspended instead of forwarded: its k completion columns of KV, its
-k + 1 tokens and its hidden state leave the slot as a `Suspended` state. A later run given
-`resume=states` places such a sample with that KV and feeds its pending token k at its first
-step without sampling, so the sample goes on exactly as if it had never left (same tokens,
-same streams) and takes L - k row-steps in the second run.
+Parking (samplers/infinite.py): a queue with a `quantum` q (`StreamQueue`) is shown, at each
+step, the rows that have just drawn a token after a multiple of q tokens (`boundary(rows)`),
+and names the ones to park. A parked row leaves the slot before its drawn token is fed: its
+completion KV, its tokens and its hidden state become a `Suspended` state kept by the run.
+When the queue admits that sample again, it is placed with that KV and feeds its pending token
+at its first step without drawing, so it goes on exactly as if it had never left (same tokens,
+same streams), at the cost of that one step.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from samplers.base import (GenerationSpec, Rollouts, SamplingStats, decoding_mod
 from samplers.kv import PromptKV, SlotCache, Suspended, kv_geometry, prefill
 from samplers.layout import KVLayout
 from samplers.prefix_attention import layer_windows
+from samplers.scheduling import BoundaryRow
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -67,7 +69,6 @@ class EngineResult:
     finished: dict[SampleId, bool] = field(default_factory=dict)  # True = ended with EOS
     finish_order: list[SampleId] = field(default_factory=list)
     cancelled: list[SampleId] = field(default_factory=list)
-    suspended: dict[SampleId, Suspended] = field(default_factory=dict)  # parked by the probe
     stats: SamplingStats = field(default_factory=SamplingStats)
 
 
@@ -75,14 +76,13 @@ class DecodeEngine:
     """Decodes the samples a queue hands out on `slots` rows; see the module docstring.
 
     `store` shares prefilled prompts between runs (the caller owns it: prompts are then never
-    dropped by the engine); `capture_hidden` keeps each row's last hidden state;
-    `suspend_after` / `resume` are the probe hooks of the module docstring.
+    dropped by the engine); `capture_hidden` keeps each row's last hidden state (shown to a
+    parking queue at a sample's first boundary).
     """
 
     def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
                  slots: int, layout: KVLayout, store: dict[int, PromptKV] | None = None,
-                 capture_hidden: bool = False, suspend_after: int | None = None,
-                 resume: dict[SampleId, Suspended] | None = None) -> None:
+                 capture_hidden: bool = False) -> None:
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
         self.layout = layout
         self.cache_keyword = cache_keyword(model)
@@ -94,8 +94,7 @@ class DecodeEngine:
         self.windowed = any(w is not None and w < self.reach
                             for w in layer_windows(model.config))
         self.shared_store = store
-        self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
-        self.resume = dict(resume or {})  # popped as the samples are placed
+        self.capture_hidden = capture_hidden
 
     def run(self, queue: Queue) -> EngineResult:
         start = time.perf_counter()
@@ -153,6 +152,8 @@ class _Run:
         self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
         self.hidden: torch.Tensor | None = None  # [m, H] with capture_hidden
         self.result = EngineResult(stats=SamplingStats(slots=engine.slots))
+        self.parked: dict[SampleId, Suspended] = {}  # parked by the queue, until re-admitted
+        self.quantum = getattr(queue, "quantum", None)
         self.stats = self.result.stats
         if self.store:
             self.allocate(next(iter(self.store.values())))
@@ -200,8 +201,8 @@ class _Run:
         rows.sample[row], rows.started[row], self.row_of[sample] = sample, step, row
         rows.prompt_len[row], rows.generated[row] = length, 0
         rows.prompt_id[row], rows.sample_id[row] = i, j
-        state = self.e.resume.pop(sample, None)
-        if state is not None:  # a probed sample: its KV, tokens, and the pending last token
+        state = self.parked.pop(sample, None)
+        if state is not None:  # a parked sample: its KV, tokens, and the pending last token
             k = len(state.tokens) - 1
             for layer, (key, value) in enumerate(zip(state.keys, state.values)):
                 self.cache.keys[layer][row, :, start: start + k] = key
@@ -237,8 +238,7 @@ class _Run:
     def track_memory(self) -> None:
         if self.cache is not None:
             live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
-            live += sum(s.nbytes for s in (*self.e.resume.values(),
-                                           *self.result.suspended.values()))
+            live += sum(s.nbytes for s in self.parked.values())
             self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, live)
 
     def decode(self, step: int) -> None:
@@ -258,10 +258,8 @@ class _Run:
         for sample in [r.sample[k] for k in ended.nonzero().flatten().tolist()]:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
-        if self.e.suspend_after is not None:  # probe: park rows that sampled token k
-            rows = (r.generated[: self.n] == self.e.suspend_after + 1).nonzero().flatten()
-            for sample in [r.sample[k] for k in rows.tolist()]:  # one device sync
-                self.suspend(sample, step, feed)
+        if self.quantum and self.n > 0:
+            self.boundary(step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
 
@@ -288,11 +286,28 @@ class _Run:
                                                                      i in running)]:
             self.store.pop(i)
 
+    def boundary(self, step: int, feed: torch.Tensor) -> None:
+        """Show the queue the rows that have just drawn the token after a multiple of q
+        tokens (not the rows placed at this step: a resumed row re-feeds its token) and park
+        the ones it names."""
+        q, r = self.quantum, self.rows
+        attained = [g - 1 for g in r.generated[: self.n].tolist()]  # one device sync
+        shown = []
+        for row, a in enumerate(attained):
+            if a > 0 and a % q == 0 and r.started[row] != step:
+                probe = a == q  # the sample's first boundary: its probe tokens and state
+                shown.append(BoundaryRow(
+                    r.sample[row], a, r.tokens[row, :a].tolist() if probe else None,
+                    self.hidden[row].clone() if probe and self.hidden is not None else None))
+        if shown:
+            for sample in self.queue.boundary(shown):
+                self.suspend(sample, step, feed)
+
     def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
         start = self.e.layout.first_column(int(self.rows.prompt_len[row]))
         k = int(self.rows.generated[row]) - 1
-        self.result.suspended[sample] = Suspended(
+        self.parked[sample] = Suspended(
             [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
             [values[row, :, start: start + k].clone() for values in self.cache.values],
             self.rows.tokens[row, : k + 1].tolist(),
