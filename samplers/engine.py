@@ -22,13 +22,13 @@ Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous
 `admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
 `remaining(i) -> samples of prompt i still to admit`.
 
-Parking (samplers/infinite.py): a queue with a `quantum` q (`StreamQueue`) is shown, at each
-step, the rows that have just drawn a token after a multiple of q tokens (`boundary(rows)`),
-and names the ones to park. A parked row leaves the slot before its drawn token is fed: its
-completion KV, its tokens and its hidden state become a `Suspended` state kept by the run.
-When the queue admits that sample again, it is placed with that KV and feeds its pending token
-at its first step without drawing, so it goes on exactly as if it had never left (same tokens,
-same streams), at the cost of that one step.
+Parking (samplers/infinite.py): a queue with a `quantum` q (`StreamQueue`) is shown, after
+each step's forward, the rows whose KV has just reached a multiple of q completion tokens
+(`boundary(rows)`), and names the ones to park. A parked row leaves the slot with its
+completion KV, its tokens, its next-token logits and its hidden state (a `Suspended` state
+kept by the run). When the queue admits that sample again it is placed with all of that and
+draws its next token at once, so it goes on exactly as if it had never left (same tokens, same
+streams) and parking costs no step.
 """
 from __future__ import annotations
 
@@ -117,9 +117,8 @@ class Rows:
         self.prompt_id = torch.zeros(slots, **long)
         self.sample_id = torch.zeros(slots, **long)
         self.tokens = torch.zeros(slots, max_new_tokens, **long)
-        self.pending = torch.zeros(slots, dtype=torch.bool, device=device)  # resumed, not fed
         self.tables: list[Any] = [self.sample, self.started, self.prompt_len, self.generated,
-                                  self.prompt_id, self.sample_id, self.tokens, self.pending]
+                                  self.prompt_id, self.sample_id, self.tokens]
 
     def add(self, *tables: Any) -> None:
         """More per-row tables (the logits, hidden states, the cache's K and V per layer)."""
@@ -145,7 +144,6 @@ class _Run:
         self.rows = Rows(m, engine.spec.max_new_tokens, dev)
         self.slot = list(range(m))  # logical slot id of each row (what the Gantt chart shows)
         self.row_of: dict[SampleId, int] = {}
-        self.any_pending = False
         self.keep_store = engine.shared_store is not None
         self.store: dict[int, PromptKV] = engine.shared_store if self.keep_store else {}
         self.cache: SlotCache | None = None
@@ -202,13 +200,14 @@ class _Run:
         rows.prompt_len[row], rows.generated[row] = length, 0
         rows.prompt_id[row], rows.sample_id[row] = i, j
         state = self.parked.pop(sample, None)
-        if state is not None:  # a parked sample: its KV, tokens, and the pending last token
-            k = len(state.tokens) - 1
+        if state is not None:  # a parked sample: its KV, tokens, logits and hidden state
+            k = len(state.tokens)
             for layer, (key, value) in enumerate(zip(state.keys, state.values)):
                 self.cache.keys[layer][row, :, start: start + k] = key
                 self.cache.values[layer][row, :, start: start + k] = value
-            rows.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
-            rows.generated[row], rows.pending[row], self.any_pending = k, True, True
+            rows.tokens[row, :k] = torch.tensor(state.tokens, device=self.e.device)
+            rows.generated[row] = k
+            self.logits[row] = state.logits
             if self.hidden is not None and state.hidden is not None:
                 self.hidden[row] = state.hidden
         self.n += 1
@@ -248,9 +247,6 @@ class _Run:
         u = uniforms(spec.seed, r.prompt_id[:n], r.sample_id[:n], t)
         rows = torch.arange(n, device=self.e.device)
         next_tokens = sample_tokens(self.logits[:n], u, spec)  # [n]
-        if self.any_pending:  # rows resumed at this step: their token k is already known
-            next_tokens = torch.where(r.pending[:n], r.tokens[rows, t], next_tokens)
-            r.pending[:n], self.any_pending = False, False
         r.tokens[rows, t] = next_tokens
         r.generated[:n] = t + 1
         ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [n]
@@ -258,10 +254,10 @@ class _Run:
         for sample in [r.sample[k] for k in ended.nonzero().flatten().tolist()]:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
-        if self.quantum and self.n > 0:
-            self.boundary(step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
+            if self.quantum:
+                self.boundary(step)
 
     def retire(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
@@ -286,36 +282,34 @@ class _Run:
                                                                      i in running)]:
             self.store.pop(i)
 
-    def boundary(self, step: int, feed: torch.Tensor) -> None:
-        """Show the queue the rows that have just drawn the token after a multiple of q
-        tokens (not the rows placed at this step: a resumed row re-feeds its token) and park
-        the ones it names."""
+    def boundary(self, step: int) -> None:
+        """After the forward: show the queue the rows whose KV holds a multiple of q
+        completion tokens (all their tokens, fed) and park the ones it names."""
         q, r = self.quantum, self.rows
-        attained = [g - 1 for g in r.generated[: self.n].tolist()]  # one device sync
         shown = []
-        for row, a in enumerate(attained):
-            if a > 0 and a % q == 0 and r.started[row] != step:
+        for row, a in enumerate(r.generated[: self.n].tolist()):  # one device sync
+            if a % q == 0:
                 probe = a == q  # the sample's first boundary: its probe tokens and state
                 shown.append(BoundaryRow(
                     r.sample[row], a, r.tokens[row, :a].tolist() if probe else None,
                     self.hidden[row].clone() if probe and self.hidden is not None else None))
         if shown:
             for sample in self.queue.boundary(shown):
-                self.suspend(sample, step, feed)
+                self.suspend(sample, step)
 
-    def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
+    def suspend(self, sample: SampleId, step: int) -> None:
         row = self.row_of[sample]
         start = self.e.layout.first_column(int(self.rows.prompt_len[row]))
-        k = int(self.rows.generated[row]) - 1
+        k = int(self.rows.generated[row])
         self.parked[sample] = Suspended(
             [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
             [values[row, :, start: start + k].clone() for values in self.cache.values],
-            self.rows.tokens[row, : k + 1].tolist(),
+            self.rows.tokens[row, :k].tolist(), self.logits[row].clone(),
             None if self.hidden is None else self.hidden[row].clone())
-        self.free(row, step, feed)
+        self.free(row, step)
         self.track_memory()
 
-    def free(self, row: int, step: int, feed: torch.Tensor) -> None:
+    def free(self, row: int, step: int, feed: torch.Tensor | None = None) -> None:
         """Release `row`, then move the last running row into it to keep rows [0, n) dense."""
         rows = self.rows
         sample = rows.sample[row]
@@ -323,7 +317,7 @@ class _Run:
         del self.row_of[sample]
         last = self.n - 1
         if row != last:
-            rows.move(last, row, feed)
+            rows.move(last, row, *(() if feed is None else (feed,)))
             self.slot[row], self.slot[last] = self.slot[last], self.slot[row]
             self.row_of[rows.sample[row]] = row
         rows.sample[last] = None

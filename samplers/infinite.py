@@ -15,11 +15,14 @@ One `sample()` call (B prompts x G samples, m slots) is one continuous stream:
    - `schedule: predicted` starts the unprobed samples first, then runs the probed ones in the
      `refill` order of their predicted remaining length (`lpt`: longest first, preemptive;
      `sjf`: shortest first, the paper's rule; `fifo`);
-   - `schedule: auto` (default) takes, at each call, the one of the two with the fewer expected
-     decoding steps when the predictor errs as it has erred so far: both are simulated
+   - `schedule: continuous` parks nothing: plain refill in (prompt, sample) order, exactly the
+     `continuous` sampler;
+   - `schedule: auto` (default) takes, at each call, the one of these three with the fewest
+     expected decoding steps when the predictor errs as it has erred so far: each is simulated
      (`simulate_stream`, the engine's own stepping) on lengths drawn from the recent calls,
-     with predictions off by the predictor's recorded errors. With no record yet: `attained`
-     (the oracle, whose error is zero by construction: `predicted`).
+     with predictions off by the predictor's recorded errors (`predicted` only once there are
+     MIN_RECORD errors). With no record yet: `attained` (the oracle, whose error is zero by
+     construction: `predicted`).
 4. After the call the predictor gets the true remaining lengths of the samples it was asked
    about, so it refits online as the policy drifts; their errors feed the next `auto` choice.
 
@@ -122,8 +125,9 @@ class InfiniteSampler:
                 rows = [BoundaryRow(s, 0, [], store[s[0]].hidden) for s in samples]
                 upfront = dict(zip(samples, predict(rows)))
             schedule = self.choose(len(samples), m, spec)
-            queue = StreamQueue(samples, k, self.park_tokens(m, spec), schedule, self.refill,
-                                predict, upfront)
+            queue = StreamQueue(samples, k, self.park_tokens(m, spec, schedule),
+                                "attained" if schedule == "continuous" else schedule,
+                                self.refill, predict, upfront)
             result = DecodeEngine(model, prompts, spec, m, layout, store=store,
                                   capture_hidden=hidden).run(queue)
         lengths = {s: len(c) for s, c in result.completions.items()}
@@ -153,40 +157,55 @@ class InfiniteSampler:
         device = next(model.parameters()).device
         return {i: prefill(model, p, device, hidden) for i, p in enumerate(prompts)}
 
-    def park_tokens(self, slots: int, spec: GenerationSpec) -> int:
-        """The parked-KV budget in tokens: `park_fraction` of the slots' completion columns."""
+    def park_tokens(self, slots: int, spec: GenerationSpec, schedule: str = "attained") -> int:
+        """The parked-KV budget in tokens: `park_fraction` of the slots' completion columns
+        (none for `continuous`)."""
+        if schedule == "continuous":
+            return 0
         return int(self.park_fraction * slots * spec.max_new_tokens)
 
     def choose(self, samples: int, slots: int, spec: GenerationSpec) -> str:
         """The schedule of this call: the configured one, or with `auto` the one with the
-        fewer simulated decoding steps, on SCENARIOS calls of `samples` lengths drawn from the
-        recent ones, each predicted with an error drawn from the predictor's recorded ones."""
+        fewest simulated decoding steps (ties: the simpler, in the order continuous, attained,
+        predicted) on SCENARIOS calls of `samples` lengths drawn from the recent ones, each
+        predicted with an error drawn from the predictor's recorded ones."""
         if self.schedule != "auto":
             return self.schedule
-        if len(self.errors) < MIN_RECORD:
+        if not self.lengths:
             return "predicted" if self.predictor.needs_oracle else "attained"
         rng = random.Random(spec.seed)
-        k, budget = self.probe_tokens, self.park_tokens(slots, spec)
-        lengths, errors = list(self.lengths), list(self.errors)
-        steps = {"attained": 0, "predicted": 0}
+        k = self.probe_tokens
+        lengths, errors = list(self.lengths), list(self.errors) or [0.0]
+        steps = dict.fromkeys(("continuous", "attained", "predicted"), 0)
+        if len(self.errors) < MIN_RECORD:
+            del steps["predicted"]
         for _ in range(SCENARIOS):
             drawn = [rng.choice(lengths) for _ in range(samples)]
             guess = [max((max(n - k, 0) + 1) * math.exp(-rng.choice(errors)) - 1, 0.0)
                      for n in drawn]
             for name in steps:
-                steps[name] += simulate_stream(drawn, guess, slots, k, budget, name, self.refill)
-        return "predicted" if steps["predicted"] < steps["attained"] else "attained"
+                steps[name] += simulate_stream(
+                    drawn, guess, slots, k, self.park_tokens(slots, spec, name),
+                    "attained" if name == "continuous" else name, self.refill)
+        return min(steps, key=steps.__getitem__)
 
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
                    spec: GenerationSpec, slots: int) -> int:
         """The engine's predicted peak plus what `infinite` keeps besides: every prompt's KV
         for the whole call (its own store, so the shared engine holds no prompt of its own)
-        and the parked KV, at most its budget."""
-        per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
-        kept = sum(len(p) for p in prompts) + self.park_tokens(slots, spec)
+        and the parked samples: their KV, at most the budget, and their next-token logits
+        (float32, or the weights' wider dtype; each parked sample holds at least k tokens, so
+        at most budget / k of them)."""
+        dtype = next(model.parameters()).dtype
+        per_token = kv_bytes_per_token(model.config, dtype)
+        budget = self.park_tokens(slots, spec)
+        kept = sum(len(p) for p in prompts) + budget
+        parked = min(budget // max(1, self.probe_tokens), len(prompts) * group_size)
+        vocab = model.config.get_text_config().vocab_size
         engine = predict_peak_bytes(model, prompts, spec, slots, self.settings.layout,
                                     live_prompts=0)
-        return engine + kept * per_token
+        element = max(4, torch.tensor([], dtype=dtype).element_size())
+        return engine + kept * per_token + parked * vocab * element
 
     def slots(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec) -> int:

@@ -360,15 +360,14 @@ def fptas_plan(predicted: Sequence[float], slots: int, epsilon: float) -> list[l
 
 # ----------------------------------------------------------------------------- stream scheduling
 
-SCHEDULES = ("auto", "predicted", "attained")
+SCHEDULES = ("auto", "attained", "predicted", "continuous")
 
 
 @dataclass
 class BoundaryRow:
-    """A running sample at a multiple of k tokens, as the engine shows it to a `StreamQueue`:
-    `attained` tokens are in its KV (its token `attained` is drawn, not yet fed). At the probe
-    point (attained == k) `tokens` holds its first k tokens and `hidden` the policy's last
-    hidden state (when the engine captures it)."""
+    """A running sample at a multiple of k tokens, as the engine shows it to a `StreamQueue`
+    after a forward: its `attained` tokens are all in its KV. At the probe point (attained ==
+    k) `tokens` holds them and `hidden` the policy's last hidden state (when captured)."""
     sample: SampleId
     attained: int
     tokens: list[int] | None = None
@@ -502,46 +501,36 @@ def simulate_stream(lengths: Sequence[int], predicted: Sequence[float], slots: i
                     probe_tokens: int, park_tokens: int, schedule: str, refill: str) -> int:
     """Decoding steps of a `StreamQueue` for samples of known `lengths` (tokens incl. EOS, in
     fifo order) and predicted remaining lengths after k tokens, stepping as the engine does: a
-    sample draws one token per step; one parked at a boundary leaves before its drawn token is
-    fed, and on its return spends one step feeding it (so L + parks row-steps). Steps between
-    events (a finish, a boundary, a return) are skipped at once; once nothing waits, the
-    running samples just finish."""
+    running sample draws one token per step; one that has not ended is shown to the queue
+    when its count reaches a multiple of k, and may leave at the end of that step. Steps
+    between such events are skipped at once; once nothing waits, the running samples just
+    finish."""
     samples = [(0, x) for x in range(len(lengths))]
     known = {s: float(p) for s, p in zip(samples, predicted)}
     queue = StreamQueue(samples, probe_tokens, park_tokens, schedule, refill,
                         predict=lambda rows: [known[r.sample] for r in rows],
                         predicted=None if probe_tokens else known)
     k = probe_tokens
-    drawn = {s: 0 for s in samples}  # tokens drawn so far
+    drawn = {s: 0 for s in samples}  # tokens drawn (and fed) so far
     running: list[SampleId] = []
-    feeding: set[SampleId] = set()  # returned at this step: it feeds its drawn token
     step = 0
     while True:
-        for sample in queue.admit(slots - len(running), len(running)):
-            running.append(sample)
-            if drawn[sample]:
-                feeding.add(sample)
+        running += queue.admit(slots - len(running), len(running))
         if not running:
             return step
         left = {s: lengths[s[1]] - drawn[s] for s in running}
         if not queue.waiting:
-            return step + max(left[s] + (s in feeding) for s in running)
-        if feeding:
-            dt = 1
-        else:  # to the next finish or boundary (drawn = a k + 1 for some a >= 1)
-            dt = min(min(left[s], max(k, (drawn[s] - 1) // k * k + k) + 1 - drawn[s])
-                     if k else left[s] for s in running)
+            return step + max(left.values())
+        # to the next finish or multiple of k
+        dt = min(min(left[s], k - drawn[s] % k) if k else left[s] for s in running)
         step += dt
         ended, rows = [], []
         for sample in running:
-            if sample in feeding:
-                continue
             drawn[sample] += dt
             if drawn[sample] >= lengths[sample[1]]:
                 ended.append(sample)
-            elif k and drawn[sample] > 1 and (drawn[sample] - 1) % k == 0:
-                rows.append(BoundaryRow(sample, drawn[sample] - 1))
-        feeding.clear()
+            elif k and drawn[sample] % k == 0:
+                rows.append(BoundaryRow(sample, drawn[sample]))
         for sample in ended:
             running.remove(sample)
         for sample in queue.boundary(rows) if rows else []:
