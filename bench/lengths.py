@@ -20,7 +20,6 @@ and check simulated = measured.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import Counter
@@ -162,16 +161,13 @@ def two_phase_order(predicted: list[float], slots: int, grouping: str, refill: s
 
 def record_of(sampler: InfiniteSampler, held: Records, groups: list[int], k: int,
               predictions: dict[int, list[float]]) -> None:
-    """Fill the sampler's `auto` record (recent lengths, log errors) from other groups, as if
-    it had sampled them in earlier calls."""
-    sampler.lengths.clear()
-    sampler.errors.clear()
+    """Fill the sampler's `auto` record with other groups (each sample's length and the
+    prediction it got), as if it had sampled them in earlier calls."""
+    sampler.record.clear()
     for g in groups:
-        lengths = held["lengths"][held["prompt_index"] == g].tolist()
-        sampler.lengths.extend(lengths)
-        asked = [n - k for n in lengths if n > k]
-        sampler.errors.extend(math.log((t + 1) / (p + 1))
-                              for t, p in zip(asked, predictions[g]))
+        guesses = iter(predictions[g])  # aligned with the samples that reach the probe
+        sampler.record.append([(n, next(guesses) if n > k else None)
+                               for n in held["lengths"][held["prompt_index"] == g].tolist()])
 
 
 def table_scheduler(b: Bench) -> Table:
@@ -209,7 +205,7 @@ def table_scheduler(b: Bench) -> Table:
             record_of(sampler, held, [g for g in groups if g != i], k, predictions)
             rows = {}
             for label, schedule, refill in STREAM:
-                taken = sampler.choose(len(lengths), m, b.spec) if schedule == "auto" \
+                taken = sampler.choose(1, m, b.spec) if schedule == "auto" \
                     else schedule
                 rows[label] = (taken, simulate_stream(lengths, full, m, k, budget, taken,
                                                       refill if schedule != "auto"

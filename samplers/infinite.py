@@ -19,10 +19,11 @@ One `sample()` call (B prompts x G samples, m slots) is one continuous stream:
      `continuous` sampler;
    - `schedule: auto` (default) takes, at each call, the one of these three with the fewest
      expected decoding steps when the predictor errs as it has erred so far: each is simulated
-     (`simulate_stream`, the engine's own stepping) on lengths drawn from the recent calls,
-     with predictions off by the predictor's recorded errors (`predicted` only once there are
-     MIN_RECORD errors). With no record yet: `attained` (the oracle, whose error is zero by
-     construction: `predicted`).
+     (`simulate_stream`, the engine's own stepping) on calls made of B prompt groups drawn
+     from the recent ones, every sample with its true length and the prediction it really
+     got (so a predictor that cannot tell siblings apart gets no credit for it; `predicted`
+     only once MIN_RECORD samples were predicted). With no record yet: `attained` (the
+     oracle, whose error is zero by construction: `predicted`).
 4. After the call the predictor gets the true remaining lengths of the samples it was asked
    about, so it refits online as the policy drifts; their errors feed the next `auto` choice.
 
@@ -51,9 +52,11 @@ from samplers.scheduling import (REFILLS, SCHEDULES, BoundaryRow, SampleQueue, S
                                  fifo_order, simulate_stream, steps_lower_bound)
 from samplers.slots import SlotSettings
 
-RECORD = 1024  # recent lengths and prediction errors kept for the `auto` choice
+RECORD = 256  # recent prompt groups kept for the `auto` choice
 SCENARIOS = 8  # simulated calls per `auto` choice
-MIN_RECORD = 8  # errors needed before `auto` trusts a predictor
+MIN_RECORD = 8  # predicted samples needed before `auto` tries `predicted`
+
+Group = list[tuple[int, float | None]]  # one prompt's samples: (length, prediction or None)
 
 
 class InfiniteSampler:
@@ -82,8 +85,7 @@ class InfiniteSampler:
         # False while the caller samples another distribution than training's (greedy
         # validation): the predictor then predicts but is not refitted on those lengths.
         self.learning = True
-        self.lengths: deque[int] = deque(maxlen=RECORD)  # recent completion lengths
-        self.errors: deque[float] = deque(maxlen=RECORD)  # log((true + 1) / (predicted + 1))
+        self.record: deque[Group] = deque(maxlen=RECORD)  # the recent calls' prompt groups
 
     def bind(self, tokenizer: Any) -> None:
         """Give text predictors (minilm) the policy tokenizer to decode prompts and probes."""
@@ -124,7 +126,7 @@ class InfiniteSampler:
             if k == 0:  # predicted from the prompt alone, before anything runs
                 rows = [BoundaryRow(s, 0, [], store[s[0]].hidden) for s in samples]
                 upfront = dict(zip(samples, predict(rows)))
-            schedule = self.choose(len(samples), m, spec)
+            schedule = self.choose(len(prompts), m, spec)
             queue = StreamQueue(samples, k, self.park_tokens(m, spec, schedule),
                                 "attained" if schedule == "continuous" else schedule,
                                 self.refill, predict, upfront)
@@ -135,9 +137,9 @@ class InfiniteSampler:
         if self.learning:
             if asked:
                 self.predictor.observe(self.probe_batch(prompts, asked, truth), true)
-            self.lengths.extend(lengths[s] for s in samples)
-            self.errors.extend(math.log((t + 1) / (p + 1))
-                               for t, p in zip(true.tolist(), predicted))
+            guesses = {r.sample: p for r, p in zip(asked, predicted)}
+            self.record.extend([(lengths[(i, j)], guesses.get((i, j)))
+                                for j in range(group_size)] for i in range(len(prompts)))
         stats = result.stats
         stats.wall_time_s = time.perf_counter() - start - oracle_s
         stats.prefill_passes, stats.prefill_time_s = len(prompts), prefill_s
@@ -164,25 +166,23 @@ class InfiniteSampler:
             return 0
         return int(self.park_fraction * slots * spec.max_new_tokens)
 
-    def choose(self, samples: int, slots: int, spec: GenerationSpec) -> str:
+    def choose(self, prompts: int, slots: int, spec: GenerationSpec) -> str:
         """The schedule of this call: the configured one, or with `auto` the one with the
         fewest simulated decoding steps (ties: the simpler, in the order continuous, attained,
-        predicted) on SCENARIOS calls of `samples` lengths drawn from the recent ones, each
-        predicted with an error drawn from the predictor's recorded ones."""
+        predicted) on SCENARIOS calls of `prompts` groups drawn from the recorded ones."""
         if self.schedule != "auto":
             return self.schedule
-        if not self.lengths:
+        if not self.record:
             return "predicted" if self.predictor.needs_oracle else "attained"
-        rng = random.Random(spec.seed)
-        k = self.probe_tokens
-        lengths, errors = list(self.lengths), list(self.errors) or [0.0]
+        rng, k = random.Random(spec.seed), self.probe_tokens
+        groups = list(self.record)
         steps = dict.fromkeys(("continuous", "attained", "predicted"), 0)
-        if len(self.errors) < MIN_RECORD:
+        if sum(p is not None for g in groups for _, p in g) < MIN_RECORD:
             del steps["predicted"]
         for _ in range(SCENARIOS):
-            drawn = [rng.choice(lengths) for _ in range(samples)]
-            guess = [max((max(n - k, 0) + 1) * math.exp(-rng.choice(errors)) - 1, 0.0)
-                     for n in drawn]
+            call = [sample for _ in range(prompts) for sample in rng.choice(groups)]
+            drawn = [n for n, _ in call]
+            guess = [0.0 if p is None else p for _, p in call]
             for name in steps:
                 steps[name] += simulate_stream(
                     drawn, guess, slots, k, self.park_tokens(slots, spec, name),
