@@ -106,8 +106,9 @@ def probe_hidden(model: Any, prompts: list[list[int]], prompt_index: torch.Tenso
 def examples(records: dict[str, Any], k: int, prompts: Sequence[int] | None = None,
              model: Any = None, needs_hidden: bool = False) -> tuple[ProbeBatch, torch.Tensor]:
     """(ProbeBatch, remaining long [n]) for probe length k: the samples with L > k (those the
-    sampler asks about: still running after k tokens; all of them when k = 0), of the given prompt indices (all by default). `true_remaining` is
-    always set; `hidden` when needs_hidden (from the file, else recomputed with `model`)."""
+    sampler asks about: still running after k tokens; all of them when k = 0), of the given
+    prompt indices (all by default). `true_remaining` is always set; `hidden` when
+    needs_hidden (from the file, else recomputed with `model`)."""
     check_number("probe_tokens", k, 0, integer=True)
     lengths = records["lengths"]  # [N]
     keep = lengths > k  # [N]

@@ -11,7 +11,6 @@ invariance, docs/ARCHITECTURE.md section 4).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 

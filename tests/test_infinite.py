@@ -174,8 +174,8 @@ def test_predictor_sees_probe_and_hidden_and_is_refitted():
 
     spy.predict, spy.observe = seen_predict, seen_observe
     r = scripted(infinite_sampler(2, probe_tokens=k, predictor=spy), lengths)
-    asked = [(int(i), row) for b in seen["batches"] for i, row in zip(b.prompt_index, range(len(b)))]
-    assert sorted(i for i, _ in asked) == [0, 1, 2, 3, 4]  # each sample once
+    asked = [int(i) for batch in seen["batches"] for i in batch.prompt_index]
+    assert sorted(asked) == [0, 1, 2, 3, 4]  # each sample once
     for batch in seen["batches"]:
         assert batch.probe_ids == [[ScriptedLM.FILLER] * k] * len(batch)
         # hidden = [L, tokens fed] at the last probe token (the scripted model's features)
