@@ -45,7 +45,7 @@ TWO_PHASE = [("two-phase fifo", "none", "fifo"), ("two-phase fptas", "fptas", "f
              ("two-phase sjf", "none", "sjf"), ("two-phase lpt", "none", "lpt"),
              ("two-phase fptas+sjf", "fptas", "sjf"),
              ("two-phase fptas+lpt", "fptas", "lpt")]  # (label, grouping, refill)
-ORACLE = "oracle"  # the true remaining lengths after the probe as predictions
+ORACLE = "oracle"  # the true lengths as predictions, known before anything runs
 
 Records = dict[str, Any]  # one rollouts file (predictors/rollouts.py)
 
@@ -159,15 +159,23 @@ def two_phase_order(predicted: list[float], slots: int, grouping: str, refill: s
     return name, order
 
 
+def aligned(lengths: list[int], asked: list[float], k: int) -> list[float]:
+    """One prediction per sample: those of the samples still running after k tokens (L > k),
+    in order, and 0 for the others (never asked)."""
+    values = iter(asked)
+    return [next(values) if n > k else 0.0 for n in lengths]
+
+
 def record_of(sampler: InfiniteSampler, held: Records, groups: list[int], k: int,
-              predictions: dict[int, list[float]]) -> None:
+              predictions: dict[int, list[float]], upfront: bool) -> None:
     """Fill the sampler's `auto` record with other groups (each sample's length and the
     prediction it got), as if it had sampled them in earlier calls."""
     sampler.record.clear()
     for g in groups:
-        guesses = iter(predictions[g])  # aligned with the samples that reach the probe
-        sampler.record.append([(n, next(guesses) if n > k else None)
-                               for n in held["lengths"][held["prompt_index"] == g].tolist()])
+        lengths = held["lengths"][held["prompt_index"] == g].tolist()
+        full = predictions[g] if upfront else aligned(lengths, predictions[g], k)
+        sampler.record.append([(n, p if upfront or n > k else None)
+                               for n, p in zip(lengths, full)])
 
 
 def table_scheduler(b: Bench) -> Table:
@@ -185,36 +193,36 @@ def table_scheduler(b: Bench) -> Table:
     groups = list(range(len(held["prompts"])))
     per_group = []
     for pname in [ORACLE, *fitted]:
+        # the oracle predicts every sample's whole length before anything runs (it needs no
+        # probe); a learned predictor the remaining length of each sample running after k
+        upfront = pname == ORACLE
         predictions = {}
         for i in groups:
             lengths = held["lengths"][held["prompt_index"] == i].tolist()
-            predictions[i] = ([float(n - k) for n in lengths if n > k] if pname == ORACLE
+            predictions[i] = ([float(n) for n in lengths] if upfront
                               else predict(b, fitted[pname], held, k, [i])[0].tolist())
         sampler = make_sampler("infinite", micro_group_size=m, probe_tokens=k,
-                               predictor=make_predictor("oracle") if pname == ORACLE
+                               predictor=make_predictor("oracle") if upfront
                                else fitted[pname])
-        budget = sampler.park_tokens(m, b.spec)
         for i in groups:
             lengths = held["lengths"][held["prompt_index"] == i].tolist()
             base = dict(group=i, avg_len=sum(lengths) / len(lengths),
                         capped=sum(n >= b.cfg.max_new_tokens for n in lengths) / len(lengths),
                         lb=steps_lower_bound(lengths, m), micro=rounds_steps(lengths, m),
                         continuous=list_schedule_makespan(lengths, m), predictor=pname)
-            asked = iter(predictions[i])  # aligned with the samples that reach the probe
-            full = [next(asked) if n > k else 0.0 for n in lengths]
-            record_of(sampler, held, [g for g in groups if g != i], k, predictions)
+            full = predictions[i] if upfront else aligned(lengths, predictions[i], k)
+            record_of(sampler, held, [g for g in groups if g != i], k, predictions, upfront)
             rows = {}
             for label, schedule, refill in STREAM:
-                taken = sampler.choose(1, m, b.spec) if schedule == "auto" \
-                    else schedule
-                rows[label] = (taken, simulate_stream(lengths, full, m, k, budget, taken,
-                                                      refill if schedule != "auto"
-                                                      else sampler.refill))
+                taken = sampler.choose(1, m, b.spec) if schedule == "auto" else schedule
+                rows[label] = (taken, simulate_stream(
+                    lengths, full, m, k, sampler.park_tokens(m, b.spec, taken),
+                    "attained" if taken == "continuous" else taken, refill or sampler.refill,
+                    upfront=upfront))
             probe = list_schedule_makespan([min(n, k + 1) for n in lengths], m) if k else 0
             # the old probe drew token k before parking: samples with L = k + 1 ended in it
             rest = [n - k for n in lengths if n > k + 1]
-            parked = [p for n, p in zip((n for n in lengths if n > k), predictions[i])
-                      if n > k + 1]
+            parked = [p - (k if upfront else 0) for n, p in zip(lengths, full) if n > k + 1]
             for label, grouping, refill in TWO_PHASE:
                 plan, order = two_phase_order(parked, m, grouping, refill, b.cfg.epsilon)
                 rows[label] = (plan, probe + simulate_steps(rest, order, m))

@@ -10,7 +10,7 @@ File format: one torch.save of plain tensors and lists (readable with weights_on
      "hidden": {k: float [N, H]}}      # optional: policy hidden state at the last probe token
 
 Record one after sampling with `save_rollouts(path, prompts, rollouts)`; train on it with
-`python train_predictor.py predictor=hidden rollouts=<path> probe_tokens=8`. Hidden states
+`python train_predictor.py predictor=hidden rollouts=<path> probe_tokens=16`. Hidden states
 missing from the file are recomputed with `hidden_states_at` from the policy.
 """
 from __future__ import annotations

@@ -6,6 +6,8 @@ One `sample()` call (B prompts x G samples, m slots) is one continuous stream:
 2. Every sample starts in the stream. Its first k = `probe_tokens` tokens are its probe: when it
    reaches them, the predictor (config group `predictor=oracle|history|minilm|hidden`,
    `predictors/`) is asked for its remaining length. The probe costs no phase of its own.
+   (With k = 0, and for the oracle, which needs no probe, every sample is predicted before
+   anything runs.)
 3. Every k tokens a running sample may be parked (its KV leaves the slot, nothing is
    recomputed; samplers/engine.py) so that a waiting sample with a better key runs, within
    `park_fraction` x the slot cache of parked KV (`samplers.scheduling.StreamQueue`):
@@ -116,14 +118,14 @@ class InfiniteSampler:
                 batch = self.probe_batch(prompts, rows, truth)
                 # no sample can have more than max_new_tokens - k tokens left: a learned head
                 # that extrapolates (exp of a log-length) must not wreck the plan
-                values = self.predictor.predict(batch).float().reshape(-1).clamp(
-                    0, max(0, spec.max_new_tokens - k)).tolist()
+                left = max(0, spec.max_new_tokens - rows[0].attained)
+                values = self.predictor.predict(batch).float().reshape(-1).clamp(0, left).tolist()
                 asked.extend(rows)
                 predicted.extend(values)
                 return values
 
             upfront = None
-            if k == 0:  # predicted from the prompt alone, before anything runs
+            if k == 0 or truth is not None:  # from the prompt alone (the oracle: it knows)
                 rows = [BoundaryRow(s, 0, [], store[s[0]].hidden) for s in samples]
                 upfront = dict(zip(samples, predict(rows)))
             schedule = self.choose(len(prompts), m, spec)
@@ -133,7 +135,7 @@ class InfiniteSampler:
             result = DecodeEngine(model, prompts, spec, m, layout, store=store,
                                   capture_hidden=hidden).run(queue)
         lengths = {s: len(c) for s, c in result.completions.items()}
-        true = torch.tensor([lengths[r.sample] - k for r in asked], dtype=torch.long)
+        true = torch.tensor([lengths[r.sample] - r.attained for r in asked], dtype=torch.long)
         if self.learning:
             if asked:
                 self.predictor.observe(self.probe_batch(prompts, asked, truth), true)
@@ -186,7 +188,8 @@ class InfiniteSampler:
             for name in steps:
                 steps[name] += simulate_stream(
                     drawn, guess, slots, k, self.park_tokens(slots, spec, name),
-                    "attained" if name == "continuous" else name, self.refill)
+                    "attained" if name == "continuous" else name, self.refill,
+                    upfront=self.predictor.needs_oracle)
         return min(steps, key=steps.__getitem__)
 
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,

@@ -391,14 +391,15 @@ class StreamQueue:
       fifo). Every sample gets its first k tokens before any gets 2k, and so on as far as the
       budget lets: the long samples progress together and the tail stays short whatever the
       predictions are worth. A row is parked only for a lower level.
-    - `predicted` (the paper's plan, in the stream): (probed?, the `refill` key of the predicted
-      remaining, fifo). The unprobed start first; then `lpt` runs the longest predicted
-      remaining first (parking a row for one predicted more than k tokens longer: preemptive
-      LPT), `sjf` the shortest first, `fifo` in order.
+    - `predicted` (the paper's plan, in the stream): (predicted?, the `refill` key of the
+      predicted remaining, fifo). Samples without a prediction start first (their probe);
+      then `lpt` runs the longest predicted remaining first (parking a row for one predicted
+      more than k tokens longer: preemptive LPT), `sjf` the shortest first, `fifo` in order.
 
     `predict(rows)` is asked once per sample, at its probe point, for its remaining length
-    after k tokens (the estimate at attained a is that minus a - k, at least 0); `predicted`
-    gives them up front instead (k = 0, simulations). With k = 0 nothing is parked.
+    after k tokens; `predicted` gives remaining lengths up front instead, before anything
+    runs (k = 0, the oracle, simulations). The estimate at attained a is the prediction minus
+    the tokens decoded since it was made, at least 0. With k = 0 nothing is parked.
     A waiting sample's key does not change while it waits, so the waiting set is a heap.
     """
 
@@ -411,7 +412,8 @@ class StreamQueue:
         self.quantum = probe_tokens or None  # the engine shows its rows every k tokens
         self.predict = predict
         self.order_key = _REFILL_KEYS[refill]
-        self.predicted: dict[SampleId, float] = dict(predicted or {})
+        # sample -> (predicted remaining, attained when predicted)
+        self.predicted = {s: (float(p), 0) for s, p in (predicted or {}).items()}
         self.rank = {s: x for x, s in enumerate(samples)}  # fifo position
         self.waiting: dict[SampleId, int] = {}  # sample -> attained tokens (its parked KV)
         self.heap: list[tuple[tuple[int, float, int], SampleId]] = []
@@ -423,19 +425,19 @@ class StreamQueue:
             self.push(sample, 0)
 
     def level(self, attained: int) -> int:
-        if not self.k:
-            return 0
-        return attained // self.k if self.schedule == "attained" else int(attained >= self.k)
+        return attained // self.k if self.k else 0
 
     def estimate(self, sample: SampleId, attained: int) -> float:
-        """Predicted remaining tokens at `attained` (the probe's prediction, run down)."""
-        return max(self.predicted.get(sample, 0.0) - max(attained - self.k, 0), 0.0)
+        """Predicted remaining tokens at `attained` (the prediction, run down)."""
+        value, at = self.predicted.get(sample, (0.0, 0))
+        return max(value - max(attained - at, 0), 0.0)
 
     def key(self, sample: SampleId, attained: int) -> tuple[int, float, int]:
-        level, estimate = self.level(attained), self.estimate(sample, attained)
-        if self.schedule == "predicted" and (level or not self.k):
+        estimate = self.estimate(sample, attained)
+        if self.schedule == "predicted":
+            level = int(sample in self.predicted or not self.k)
             return level, self.order_key(estimate), self.rank[sample]
-        return level, -estimate, self.rank[sample]
+        return self.level(attained), -estimate, self.rank[sample]
 
     def push(self, sample: SampleId, attained: int) -> None:
         self.waiting[sample] = attained
@@ -458,7 +460,7 @@ class StreamQueue:
         fresh = [r for r in rows if r.attained == self.k and r.sample not in self.predicted]
         if fresh and self.predict is not None:
             for row, value in zip(fresh, self.predict(fresh)):
-                self.predicted[row.sample] = float(value)
+                self.predicted[row.sample] = (float(value), row.attained)
         parked: list[BoundaryRow] = []
         matched: list[tuple[tuple[int, float, int], SampleId]] = []
         tokens = self.parked_tokens
@@ -483,7 +485,8 @@ class StreamQueue:
         """Is it worth parking `row` for `waiting`? A lower level always; in `predicted`, at
         the same level, a refill key better by more than k tokens."""
         attained = self.waiting[waiting]
-        mine, theirs = self.level(attained), self.level(row.attained)
+        mine = self.key(waiting, attained)[0]
+        theirs = self.key(row.sample, row.attained)[0]
         if mine != theirs or self.schedule == "attained":
             return mine < theirs
         gain = self.order_key(self.estimate(row.sample, row.attained)) - self.order_key(
@@ -498,9 +501,11 @@ class StreamQueue:
 
 
 def simulate_stream(lengths: Sequence[int], predicted: Sequence[float], slots: int,
-                    probe_tokens: int, park_tokens: int, schedule: str, refill: str) -> int:
+                    probe_tokens: int, park_tokens: int, schedule: str, refill: str,
+                    upfront: bool = False) -> int:
     """Decoding steps of a `StreamQueue` for samples of known `lengths` (tokens incl. EOS, in
-    fifo order) and predicted remaining lengths after k tokens, stepping as the engine does: a
+    fifo order) and predicted remaining lengths after k tokens (`upfront`: after 0 tokens,
+    known before anything runs, as the oracle's), stepping as the engine does: a
     running sample draws one token per step; one that has not ended is shown to the queue
     when its count reaches a multiple of k, and may leave at the end of that step. Steps
     between such events are skipped at once; once nothing waits, the running samples just
@@ -509,7 +514,7 @@ def simulate_stream(lengths: Sequence[int], predicted: Sequence[float], slots: i
     known = {s: float(p) for s, p in zip(samples, predicted)}
     queue = StreamQueue(samples, probe_tokens, park_tokens, schedule, refill,
                         predict=lambda rows: [known[r.sample] for r in rows],
-                        predicted=None if probe_tokens else known)
+                        predicted=known if upfront or not probe_tokens else None)
     k = probe_tokens
     drawn = {s: 0 for s in samples}  # tokens drawn (and fed) so far
     running: list[SampleId] = []
