@@ -1,6 +1,6 @@
 """Offline training of a length predictor (minilm or hidden) on saved rollouts.
 
-    python train_predictor.py predictor=hidden rollouts=bench_results/rollouts.pt probe_tokens=8
+    python train_predictor.py predictor=hidden rollouts=bench_results/rollouts.pt probe_tokens=16
     python train_predictor.py predictor=minilm rollouts=<file> max_epochs=50 policy=tiny
     python train_predictor.py predictor=hidden predictor.path=predictors/hidden.pt rollouts=<file>
 

@@ -158,11 +158,10 @@ class Bench:
                 skip_special_tokens=True)
             owners = rollouts.prompt_index.tolist()
             row["reward"] = sum(gsm8k_reward(texts, [self.answers[p] for p in owners])) / len(texts)
-        if stats.steps_lower_bound is not None:  # infinite: lb is its decode phase's bound
-            row.update(probe_steps=stats.probe_steps,
-                       total_steps=stats.probe_steps + stats.decoding_steps)
-        if stats.plan is not None:
-            row["plan"] = stats.plan
+        if stats.schedule is not None:  # infinite
+            row.update(schedule=stats.schedule, parks=stats.parks)
+        if "sampling/total_over_continuous" in metrics:
+            row["over_continuous"] = metrics["sampling/total_over_continuous"]
         if stats.slot_trace:
             self.traces[f"{label} m={m}"] = (stats.slot_trace, stats.decoding_steps)
         log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})

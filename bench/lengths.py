@@ -8,14 +8,13 @@
 and the rest with `record_group_size` (the predictors' training prompts), and saves both as
 rollout files (`predictors/rollouts.py`). Table D fits each predictor on the training file for
 every probe length k and scores it on the held-out samples (the samples the sampler would ask
-about: L > k + 1). Table C schedules each held-out group on m slots: because every sample's
-tokens do not depend on its schedule, the decoding steps of any admission order follow exactly
-from the recorded lengths (`simulate_steps`, the engine's own list scheduling), so all
-scheduler x predictor variants are computed on the same samples (predictions are clipped to
-[0, max_new_tokens - k], as the sampler does). Each scheduler row is the `infinite` sampler
-of configs/sampler/infinite.yaml with its `grouping` and `refill`, and its admission order is
-the sampler's own `order()` (with `grouping: fptas`, the best of the FPTAS plan, the plain
-refill order and LPT by predicted makespan; the `plan` column says which it took).
+about: L > k). Table C schedules each held-out group on m slots: because every sample's
+tokens do not depend on its schedule, the decoding steps of any schedule follow exactly from
+the recorded lengths, so all schedule x predictor variants are computed on the same samples
+(predictions clipped to [0, max_new_tokens - k], as the sampler does). Stream rows are the
+`infinite` sampler's own queue (`simulate_stream`); two-phase rows are the paper's plan (probe
+phase, then FPTAS grouping and a refill order; `plans` says which order it took). Every row
+counts all the call's decoding steps, against the bound and against `continuous`.
 `real_runs` also runs micro, continuous and infinite on the first group to measure tokens/s
 and check simulated = measured.
 """
@@ -35,13 +34,18 @@ from samplers.prediction import LengthPredictor
 from predictors.metrics import predictor_metrics
 from predictors.rollouts import examples, load_rollouts, save_rollouts
 from samplers.infinite import InfiniteSampler
-from samplers.scheduling import (list_schedule_makespan, rounds_steps, simulate_steps,
-                                 steps_lower_bound)
+from samplers.scheduling import (best_order, fptas_plan, list_schedule_makespan,
+                                 planned_order, refill_order, rounds_steps, simulate_steps,
+                                 simulate_stream, steps_lower_bound)
 
-SCHEDULERS = [("fifo", "none", "fifo"), ("fptas", "fptas", "fifo"), ("sjf", "none", "sjf"),
-              ("lpt", "none", "lpt"), ("fptas+sjf", "fptas", "sjf"),
-              ("fptas+lpt", "fptas", "lpt")]  # (label, grouping, refill)
-ORACLE = "oracle (k=0)"  # the true remaining lengths as predictions, no probe
+STREAM = [("stream auto", "auto", None), ("stream attained", "attained", "lpt"),
+          ("stream predicted lpt", "predicted", "lpt"),
+          ("stream predicted sjf", "predicted", "sjf")]  # (label, schedule, refill)
+TWO_PHASE = [("two-phase fifo", "none", "fifo"), ("two-phase fptas", "fptas", "fifo"),
+             ("two-phase sjf", "none", "sjf"), ("two-phase lpt", "none", "lpt"),
+             ("two-phase fptas+sjf", "fptas", "sjf"),
+             ("two-phase fptas+lpt", "fptas", "lpt")]  # (label, grouping, refill)
+ORACLE = "oracle"  # the true lengths as predictions, known before anything runs
 
 Records = dict[str, Any]  # one rollouts file (predictors/rollouts.py)
 
@@ -106,7 +110,7 @@ def fit_predictor(b: Bench, name: str, k: int, train: Records) -> LengthPredicto
 
 def predict(b: Bench, predictor: LengthPredictor, records: Records, k: int,
             prompts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted, true) remaining lengths after k probe tokens of the samples with L > k + 1."""
+    """(predicted, true) remaining lengths after k probe tokens of the samples with L > k."""
     batch, remaining = examples(records, k, prompts, model=b.model,
                                 needs_hidden=predictor.needs_hidden)
     limit = b.cfg.max_new_tokens - k  # as the sampler does: nothing has more tokens left
@@ -141,51 +145,91 @@ def metric_row(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
     return {key.split("/")[1]: value for key, value in predictor_metrics(predicted, true).items()}
 
 
-def schedulers(cfg: DictConfig) -> dict[str, InfiniteSampler]:
-    """One `infinite` sampler per SCHEDULERS row: configs/sampler/infinite.yaml with the row's
-    grouping and refill (its predictor is unused: Table C hands it the predictions)."""
-    built = {}
-    for label, grouping, refill in SCHEDULERS:
-        sampler = make_sampler("infinite", micro_group_size=cfg.micro_group_size,
-                               grouping=grouping, refill=refill, epsilon=cfg.epsilon)
-        if not isinstance(sampler, InfiniteSampler):
-            raise ValueError("configs/sampler/infinite.yaml must build an InfiniteSampler "
-                             f"(Table C calls its order()), got {type(sampler).__name__}")
-        built[label] = sampler
-    return built
+def two_phase_order(predicted: list[float], slots: int, grouping: str, refill: str,
+                    epsilon: float) -> tuple[str, list[int]]:
+    """The paper's plan, as the `infinite` sampler made it before issue 27 (a probe phase,
+    then one admission order of the probed samples): `grouping: none` is the refill order;
+    `fptas` the best by predicted makespan of the FPTAS plan, the refill order and LPT."""
+    if grouping == "none":
+        return refill, refill_order(predicted, refill)
+    plan = fptas_plan(predicted, slots, epsilon)
+    candidates = {f"fptas+{refill}": planned_order(plan, predicted, refill),
+                  refill: refill_order(predicted, refill), "lpt": refill_order(predicted, "lpt")}
+    name, order, _ = best_order(candidates, predicted, slots)
+    return name, order
+
+
+def aligned(lengths: list[int], asked: list[float], k: int) -> list[float]:
+    """One prediction per sample: those of the samples still running after k tokens (L > k),
+    in order, and 0 for the others (never asked)."""
+    values = iter(asked)
+    return [next(values) if n > k else 0.0 for n in lengths]
+
+
+def record_of(sampler: InfiniteSampler, held: Records, groups: list[int], k: int,
+              predictions: dict[int, list[float]], upfront: bool) -> None:
+    """Fill the sampler's `auto` record with other groups (each sample's length and the
+    prediction it got), as if it had sampled them in earlier calls."""
+    sampler.record.clear()
+    for g in groups:
+        lengths = held["lengths"][held["prompt_index"] == g].tolist()
+        full = predictions[g] if upfront else aligned(lengths, predictions[g], k)
+        sampler.record.append([(n, p if upfront or n > k else None)
+                               for n, p in zip(lengths, full)])
 
 
 def table_scheduler(b: Bench) -> Table:
-    """Table C: every scheduler x {oracle, each learned predictor} on each held-out group
-    (median rows in the Markdown, per-group rows in the `_groups` files), then real runs on
-    group 0."""
+    """Table C: each schedule x {oracle, each learned predictor} on each held-out group (median
+    rows in the Markdown, per-group rows in the `_groups` files), then real runs on group 0.
+
+    Stream rows are the `infinite` sampler's queue (`simulate_stream`, checked step for step
+    against the engine by the tests) with the sampler's k and parking budget; `auto` decides
+    with a record made of the other held-out groups. Two-phase rows are the paper's plan as
+    it was before (probe phase, then one order). Every row counts all decoding steps of the
+    call and is compared with `continuous` on the same lengths."""
     records, k, m = load_files(b.cfg), b.cfg.probe_tokens, b.cfg.micro_group_size
     held = records["heldout"]
     fitted = {name: fit_predictor(b, name, k, records["train"]) for name in b.cfg.predictors}
-    orders = schedulers(b.cfg)
+    groups = list(range(len(held["prompts"])))
     per_group = []
-    for i in range(len(held["prompts"])):
-        lengths = held["lengths"][held["prompt_index"] == i].tolist()
-        base = dict(group=i, avg_len=sum(lengths) / len(lengths),
-                    capped=sum(n >= b.cfg.max_new_tokens for n in lengths) / len(lengths),
-                    micro=rounds_steps(lengths, m),
-                    continuous=list_schedule_makespan(lengths, m),
-                    probe_steps=list_schedule_makespan([min(n, k + 1) for n in lengths], m)
-                    if k else 0)
-        predictions: dict[str, tuple[list[float] | None, int]] = {ORACLE: (None, 0)}
-        for name, predictor in fitted.items():
-            predictions[name] = (predict(b, predictor, held, k, [i])[0].tolist(), k)
-        for pname, (pred, probe) in predictions.items():
-            rest = [n - probe for n in lengths if n > probe + 1]  # the decode phase's work
-            pred = [float(x) for x in (rest if pred is None else pred)]
-            lb = steps_lower_bound(rest, m)
-            for label, sampler in orders.items():
-                plan, order = sampler.order(pred, m)
-                steps = simulate_steps(rest, order, m)
-                total = steps + (base["probe_steps"] if probe else 0)
-                per_group.append(dict(**base, predictor=pname, scheduler=label, plan=plan,
-                                      steps=steps, lb=lb, steps_over_lb=steps / lb if lb else 1.0,
-                                      total_steps=total, micro_over_total=base["micro"] / total))
+    for pname in [ORACLE, *fitted]:
+        # the oracle predicts every sample's whole length before anything runs (it needs no
+        # probe); a learned predictor the remaining length of each sample running after k
+        upfront = pname == ORACLE
+        predictions = {}
+        for i in groups:
+            lengths = held["lengths"][held["prompt_index"] == i].tolist()
+            predictions[i] = ([float(n) for n in lengths] if upfront
+                              else predict(b, fitted[pname], held, k, [i])[0].tolist())
+        sampler = make_sampler("infinite", micro_group_size=m, probe_tokens=k,
+                               predictor=make_predictor("oracle") if upfront
+                               else fitted[pname])
+        for i in groups:
+            lengths = held["lengths"][held["prompt_index"] == i].tolist()
+            base = dict(group=i, avg_len=sum(lengths) / len(lengths),
+                        capped=sum(n >= b.cfg.max_new_tokens for n in lengths) / len(lengths),
+                        lb=steps_lower_bound(lengths, m), micro=rounds_steps(lengths, m),
+                        continuous=list_schedule_makespan(lengths, m), predictor=pname)
+            full = predictions[i] if upfront else aligned(lengths, predictions[i], k)
+            record_of(sampler, held, [g for g in groups if g != i], k, predictions, upfront)
+            rows = {}
+            for label, schedule, refill in STREAM:
+                taken = sampler.choose(1, m, b.spec) if schedule == "auto" else schedule
+                rows[label] = (taken, simulate_stream(
+                    lengths, full, m, k, sampler.park_tokens(m, b.spec, taken),
+                    "attained" if taken == "continuous" else taken, refill or sampler.refill,
+                    upfront=upfront))
+            probe = list_schedule_makespan([min(n, k + 1) for n in lengths], m) if k else 0
+            # the old probe drew token k before parking: samples with L = k + 1 ended in it
+            rest = [n - k for n in lengths if n > k + 1]
+            parked = [p - (k if upfront else 0) for n, p in zip(lengths, full) if n > k + 1]
+            for label, grouping, refill in TWO_PHASE:
+                plan, order = two_phase_order(parked, m, grouping, refill, b.cfg.epsilon)
+                rows[label] = (plan, probe + simulate_steps(rest, order, m))
+            for label, (plan, steps) in rows.items():
+                per_group.append(dict(**base, scheduler=label, plan=plan, steps=steps,
+                                      steps_over_lb=steps / base["lb"],
+                                      over_continuous=steps / base["continuous"]))
     rows = summarize(per_group)
     if b.cfg.real_runs:
         rows += real_runs(b, held, fitted[b.cfg.scheduler_predictor])
@@ -193,8 +237,8 @@ def table_scheduler(b: Bench) -> Table:
 
 
 def summarize(per_group: list[Row]) -> list[Row]:
-    """Median over the held-out groups of each (predictor, scheduler); `plans` counts the
-    orders the sampler took (e.g. `fptas+lpt x3, lpt x1`)."""
+    """Median over the held-out groups of each (predictor, scheduler); `plans` counts what the
+    row took (`auto`: the schedule; two-phase fptas: the order, e.g. `fptas+lpt x3, lpt x1`)."""
     rows = []
     for key in dict.fromkeys((r["predictor"], r["scheduler"]) for r in per_group):
         group = [r for r in per_group if (r["predictor"], r["scheduler"]) == key]
@@ -205,27 +249,26 @@ def summarize(per_group: list[Row]) -> list[Row]:
                          avg_len=med("avg_len"), capped=med("capped"),
                          steps=med("steps"), steps_over_lb=med("steps_over_lb"),
                          max_steps_over_lb=max(r["steps_over_lb"] for r in group),
-                         total_steps=med("total_steps"), micro=med("micro"),
-                         continuous=med("continuous"),
-                         micro_over_total=med("micro_over_total")))
+                         over_continuous=med("over_continuous"),
+                         max_over_continuous=max(r["over_continuous"] for r in group),
+                         micro=med("micro"), continuous=med("continuous")))
     return rows
 
 
 def real_runs(b: Bench, held: Records, learned: LengthPredictor) -> list[Row]:
-    """micro, continuous and infinite on the first held-out prompt: tokens/s and steps."""
+    """micro, continuous and infinite (its defaults, the learned predictor fresh from the
+    training file) on the first held-out prompt: tokens/s, and steps as measured."""
     prompts, g, m = held["prompts"][:1], b.cfg.group_size, b.cfg.micro_group_size
     infinite = make_sampler("infinite", micro_group_size=m, probe_tokens=b.cfg.probe_tokens,
-                            refill=b.cfg.refill, grouping=b.cfg.grouping, epsilon=b.cfg.epsilon,
                             predictor=learned)
     runs = [("micro (real)", make_sampler("micro", micro_group_size=m), None),
             ("continuous (real)", make_sampler("continuous", micro_group_size=m), None),
-            (f"infinite {b.cfg.grouping}+{b.cfg.refill} (real)", infinite,
-             b.cfg.scheduler_predictor)]
+            (f"infinite {infinite.schedule} (real)", infinite, b.cfg.scheduler_predictor)]
     rows = []
     for label, sampler, predictor in runs:
         r = b.measure(label, sampler, g, m, prompts=prompts)
-        rows.append(dict(predictor=predictor, scheduler=label, groups=1, plans=r.get("plan"),
+        rows.append(dict(predictor=predictor, scheduler=label, groups=1, plans=r.get("schedule"),
                          steps=r["steps"], steps_over_lb=r["steps"] / r["lb"] if r["lb"] else 1.0,
-                         total_steps=r.get("total_steps", r["steps"]), tok_s=r["tok_s"],
+                         over_continuous=r.get("over_continuous"), tok_s=r["tok_s"],
                          wall_s=r["wall_s"], peak_gb=r["peak_gb"]))
     return rows

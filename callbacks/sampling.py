@@ -3,11 +3,11 @@
 Reads `pl_module.last_rollouts.stats` (a `SamplingStats`) after every training batch and logs
 `sampling/*` and `memory/kv_peak_gb` (docs/ARCHITECTURE.md section 7). Works with any sampler.
 `sampling/steps_lower_bound` is max(max L, ceil(sum L / m)) over the batch with m = the
-sampler's slots (its max concurrency when it has none), or the sampler's own bound when it
-states one (`infinite`: the decode phase after its probe, logged as `sampling/probe_steps`).
-`sampling/slot_utilization` means the same for every sampler: busy row-steps (each slot-trace
-span's steps; generated tokens for samplers without a trace) / (all steps x m), where all
-steps include `infinite`'s probe steps; it is at most 1.
+sampler's slots (its max concurrency when it has none). `sampling/slot_utilization` means the
+same for every sampler: busy row-steps (each slot-trace span's steps; generated tokens for
+samplers without a trace) / (steps x m); it is at most 1. `infinite` adds `sampling/parks`
+(samples parked at a boundary) and the schedule of the call as `sampling/schedule_attained`
+and `sampling/schedule_predicted` (1 for the one taken; both 0 for `continuous`).
 """
 from __future__ import annotations
 
@@ -26,16 +26,17 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     stats = rollouts.stats
     lengths = rollouts.lengths.float()
     slots = stats.slots or stats.max_concurrency
-    # the infinite sampler states the bound of its decode phase (probe steps counted apart)
     bound = stats.steps_lower_bound
     if bound is None:
         bound = steps_lower_bound(rollouts.lengths.tolist(), slots)
     extra = {}
-    steps = stats.decoding_steps + stats.probe_steps
+    steps = stats.decoding_steps
     busy = (sum(end - start + 1 for _, _, start, end in stats.slot_trace) if stats.slot_trace
             else stats.generated_tokens)
-    if stats.predictor is not None:  # infinite
-        extra["sampling/probe_steps"] = float(stats.probe_steps)
+    if stats.schedule is not None:  # infinite
+        extra["sampling/parks"] = float(stats.parks)
+        extra["sampling/schedule_attained"] = float(stats.schedule == "attained")
+        extra["sampling/schedule_predicted"] = float(stats.schedule == "predicted")
     if stats.slots is not None and not stats.biased_to_short:  # an engine sampler on m slots
         extra.update(whole_call_metrics(rollouts.lengths.tolist(), steps, stats.slots))
     if stats.predicted_peak_bytes is not None:  # engine samplers: the `auto` planner's model
@@ -44,7 +45,6 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
     return {
         **extra,
         "sampling/steps_lower_bound": float(bound),
-        # no decode work left (every sample ended inside the probe): 0 steps = the bound 0
         "sampling/steps_over_lb": stats.decoding_steps / bound if bound else 1.0,
         "sampling/slot_utilization": busy / max(1, steps * slots),
         "sampling/decoding_steps": float(stats.decoding_steps),
@@ -61,9 +61,9 @@ def sampling_metrics(rollouts: Any) -> dict[str, float]:
 
 
 def whole_call_metrics(lengths: list[int], steps: int, slots: int) -> dict[str, float]:
-    """The whole call's decoding steps, probe included, against the lower bound of all its
-    lengths and against `continuous` on the same lengths (list scheduling in (prompt, sample)
-    order on the same m slots): what a length-aware schedule must beat."""
+    """The whole call's decoding steps against the lower bound of all its lengths and against
+    `continuous` on the same lengths (list scheduling in (prompt, sample) order on the same m
+    slots): what a length-aware schedule must beat."""
     bound = steps_lower_bound(lengths, slots)
     continuous = list_schedule_makespan(lengths, slots)
     return {"sampling/total_steps": float(steps),

@@ -33,7 +33,7 @@ COLUMNS = [
     ("sampling s", "time/sampling_s"), ("reward s", "time/reward_s"),
     ("update s", "time/update_s"), ("step s", "time/step_s"),
     ("decoding steps", "sampling/decoding_steps"),
-    ("probe steps", "sampling/probe_steps"),  # `infinite`: decoded before the plan, not above
+    ("steps / continuous", "sampling/total_over_continuous"),  # the same lengths refilled
     ("steps / LB", "sampling/steps_over_lb"),
     ("tokens/s", "sampling/tokens_per_s"), ("peak sampling GB", "memory/peak_sampling_gb"),
     ("KV peak GB", "memory/kv_peak_gb"), ("predictor MAE", "predictor/mae"),
@@ -108,7 +108,7 @@ def job_row(run_dir: Path) -> dict[str, Any]:
 
 HPARAMS = ("model.group_size", "data.batch_size", "model.max_new_tokens", "model.lr",
            "model.loss_type", "model.beta", "model.temperature", "sampler.micro_group_size",
-           "sampler.mode", "sampler.refill", "sampler.grouping", "sampler.prompt_kv",
+           "sampler.mode", "sampler.schedule", "sampler.refill", "sampler.prompt_kv",
            "trainer.max_steps", "seed")
 
 

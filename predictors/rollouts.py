@@ -10,7 +10,7 @@ File format: one torch.save of plain tensors and lists (readable with weights_on
      "hidden": {k: float [N, H]}}      # optional: policy hidden state at the last probe token
 
 Record one after sampling with `save_rollouts(path, prompts, rollouts)`; train on it with
-`python train_predictor.py predictor=hidden rollouts=<path> probe_tokens=8`. Hidden states
+`python train_predictor.py predictor=hidden rollouts=<path> probe_tokens=16`. Hidden states
 missing from the file are recomputed with `hidden_states_at` from the policy.
 """
 from __future__ import annotations
@@ -105,12 +105,13 @@ def probe_hidden(model: Any, prompts: list[list[int]], prompt_index: torch.Tenso
 
 def examples(records: dict[str, Any], k: int, prompts: Sequence[int] | None = None,
              model: Any = None, needs_hidden: bool = False) -> tuple[ProbeBatch, torch.Tensor]:
-    """(ProbeBatch, remaining long [n]) for probe length k: the samples with L > k + 1 (those
-    the sampler asks about), of the given prompt indices (all by default). `true_remaining` is
-    always set; `hidden` when needs_hidden (from the file, else recomputed with `model`)."""
+    """(ProbeBatch, remaining long [n]) for probe length k: the samples with L > k (those the
+    sampler asks about: still running after k tokens; all of them when k = 0), of the given
+    prompt indices (all by default). `true_remaining` is always set; `hidden` when
+    needs_hidden (from the file, else recomputed with `model`)."""
     check_number("probe_tokens", k, 0, integer=True)
     lengths = records["lengths"]  # [N]
-    keep = lengths > k + 1  # [N]
+    keep = lengths > k  # [N]
     if prompts is not None:
         keep &= torch.isin(records["prompt_index"], torch.as_tensor(list(prompts),
                                                                       dtype=torch.long))

@@ -11,7 +11,6 @@ invariance, docs/ARCHITECTURE.md section 4).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -50,9 +49,8 @@ SlotSpan = tuple[int, tuple[int, int], int, int]  # (slot, (prompt, sample), fir
 @dataclass
 class SamplingStats:
     """What one sample() call did: written directly by the decode engine's run (or by
-    hf_generate), the samplers' own fields added after; `infinite` joins its probe and decode
-    phases with `then`."""
-    decoding_steps: int = 0  # token-emitting batched decode iterations (prefill/probe not counted)
+    hf_generate), the samplers' own fields added after."""
+    decoding_steps: int = 0  # token-emitting batched decode iterations (prefills not counted)
     prefill_passes: int = 0  # forward passes that consumed prompt tokens
     prefill_tokens: int = 0  # prompt tokens run through the model (1x per prompt when shared)
     generated_tokens: int = 0
@@ -65,28 +63,12 @@ class SamplingStats:
     slot_trace: list[SlotSpan] = field(default_factory=list)  # the steps each sample held a slot
     predicted_peak_bytes: int | None = None  # the memory planner's peak: weights + KV + logits
     predicted_sampling_bytes: int | None = None  # the same above the weights
-    probe_steps: int = 0  # infinite: steps of the probe phase, counted apart from decoding_steps
-    steps_lower_bound: int | None = None  # infinite: LB of its decode phase (after the probe)
+    steps_lower_bound: int | None = None  # infinite: max(max L, ceil(sum L / m)) of the call
     predictor: PredictorRecord | None = None  # infinite: predicted vs true remaining lengths
-    plan: str | None = None  # infinite: the admission order taken (e.g. "fptas+lpt", "lpt")
+    schedule: str | None = None  # infinite: the schedule taken ("attained" or "predicted")
+    parks: int = 0  # infinite: samples parked at a boundary (each costs one step of its own)
     biased_to_short: bool = False  # continuous dynamic: the kept samples finished first
     launched: int | None = None  # continuous dynamic: samples started (>= those returned)
-
-    def then(self, later: SamplingStats) -> SamplingStats:
-        """This phase followed by `later` on the same slots (infinite: probe, then decode):
-        `later`'s decoding steps (this one's are its probe_steps), prefills and tokens summed,
-        peaks and concurrency at their maximum, `later`'s trace shifted past this phase."""
-        shift = self.decoding_steps
-        return dataclasses.replace(
-            later, probe_steps=shift,
-            prefill_passes=self.prefill_passes + later.prefill_passes,
-            prefill_tokens=self.prefill_tokens + later.prefill_tokens,
-            prefill_time_s=self.prefill_time_s + later.prefill_time_s,
-            generated_tokens=self.generated_tokens + later.generated_tokens,
-            peak_kv_bytes=max(self.peak_kv_bytes, later.peak_kv_bytes),
-            max_concurrency=max(self.max_concurrency, later.max_concurrency),
-            slot_trace=self.slot_trace + [(slot, sample, a + shift, b + shift)
-                                          for slot, sample, a, b in later.slot_trace])
 
 
 @dataclass

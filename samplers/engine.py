@@ -22,12 +22,13 @@ Queues decide *which* sample runs *when* (samplers/full.py, micro.py, continuous
 `admit(free, running) -> [(i, j), ...]`, `on_finished(i, j) -> [(i, j) to cancel]`, and
 `remaining(i) -> samples of prompt i still to admit`.
 
-Probe and resume (samplers/infinite.py): with `suspend_after=k` a row that has just sampled its
-token k (and did not end) is suspended instead of forwarded: its k completion columns of KV, its
-k + 1 tokens and its hidden state leave the slot as a `Suspended` state. A later run given
-`resume=states` places such a sample with that KV and feeds its pending token k at its first
-step without sampling, so the sample goes on exactly as if it had never left (same tokens,
-same streams) and takes L - k row-steps in the second run.
+Parking (samplers/infinite.py): a queue with a `quantum` q (`StreamQueue`) is shown, after
+each step's forward, the rows whose KV has just reached a multiple of q completion tokens
+(`boundary(rows)`), and names the ones to park. A parked row leaves the slot with its
+completion KV, its tokens, its next-token logits and its hidden state (a `Suspended` state
+kept by the run). When the queue admits that sample again it is placed with all of that and
+draws its next token at once, so it goes on exactly as if it had never left (same tokens, same
+streams) and parking costs no step.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from samplers.base import (GenerationSpec, Rollouts, SamplingStats, decoding_mod
 from samplers.kv import PromptKV, SlotCache, Suspended, kv_geometry, prefill
 from samplers.layout import KVLayout
 from samplers.prefix_attention import layer_windows
+from samplers.scheduling import BoundaryRow
 
 SampleId = tuple[int, int]  # (prompt index, sample index)
 
@@ -67,7 +69,6 @@ class EngineResult:
     finished: dict[SampleId, bool] = field(default_factory=dict)  # True = ended with EOS
     finish_order: list[SampleId] = field(default_factory=list)
     cancelled: list[SampleId] = field(default_factory=list)
-    suspended: dict[SampleId, Suspended] = field(default_factory=dict)  # parked by the probe
     stats: SamplingStats = field(default_factory=SamplingStats)
 
 
@@ -75,14 +76,13 @@ class DecodeEngine:
     """Decodes the samples a queue hands out on `slots` rows; see the module docstring.
 
     `store` shares prefilled prompts between runs (the caller owns it: prompts are then never
-    dropped by the engine); `capture_hidden` keeps each row's last hidden state;
-    `suspend_after` / `resume` are the probe hooks of the module docstring.
+    dropped by the engine); `capture_hidden` keeps each row's last hidden state (shown to a
+    parking queue at a sample's first boundary).
     """
 
     def __init__(self, model: Any, prompts: list[list[int]], spec: GenerationSpec,
                  slots: int, layout: KVLayout, store: dict[int, PromptKV] | None = None,
-                 capture_hidden: bool = False, suspend_after: int | None = None,
-                 resume: dict[SampleId, Suspended] | None = None) -> None:
+                 capture_hidden: bool = False) -> None:
         self.model, self.prompts, self.spec, self.slots = model, prompts, spec, slots
         self.layout = layout
         self.cache_keyword = cache_keyword(model)
@@ -94,8 +94,7 @@ class DecodeEngine:
         self.windowed = any(w is not None and w < self.reach
                             for w in layer_windows(model.config))
         self.shared_store = store
-        self.capture_hidden, self.suspend_after = capture_hidden, suspend_after
-        self.resume = dict(resume or {})  # popped as the samples are placed
+        self.capture_hidden = capture_hidden
 
     def run(self, queue: Queue) -> EngineResult:
         start = time.perf_counter()
@@ -118,9 +117,8 @@ class Rows:
         self.prompt_id = torch.zeros(slots, **long)
         self.sample_id = torch.zeros(slots, **long)
         self.tokens = torch.zeros(slots, max_new_tokens, **long)
-        self.pending = torch.zeros(slots, dtype=torch.bool, device=device)  # resumed, not fed
         self.tables: list[Any] = [self.sample, self.started, self.prompt_len, self.generated,
-                                  self.prompt_id, self.sample_id, self.tokens, self.pending]
+                                  self.prompt_id, self.sample_id, self.tokens]
 
     def add(self, *tables: Any) -> None:
         """More per-row tables (the logits, hidden states, the cache's K and V per layer)."""
@@ -146,13 +144,14 @@ class _Run:
         self.rows = Rows(m, engine.spec.max_new_tokens, dev)
         self.slot = list(range(m))  # logical slot id of each row (what the Gantt chart shows)
         self.row_of: dict[SampleId, int] = {}
-        self.any_pending = False
         self.keep_store = engine.shared_store is not None
         self.store: dict[int, PromptKV] = engine.shared_store if self.keep_store else {}
         self.cache: SlotCache | None = None
         self.logits: torch.Tensor | None = None  # [m, V]: next-token logits of each row
         self.hidden: torch.Tensor | None = None  # [m, H] with capture_hidden
         self.result = EngineResult(stats=SamplingStats(slots=engine.slots))
+        self.parked: dict[SampleId, Suspended] = {}  # parked by the queue, until re-admitted
+        self.quantum = getattr(queue, "quantum", None)
         self.stats = self.result.stats
         if self.store:
             self.allocate(next(iter(self.store.values())))
@@ -200,14 +199,15 @@ class _Run:
         rows.sample[row], rows.started[row], self.row_of[sample] = sample, step, row
         rows.prompt_len[row], rows.generated[row] = length, 0
         rows.prompt_id[row], rows.sample_id[row] = i, j
-        state = self.e.resume.pop(sample, None)
-        if state is not None:  # a probed sample: its KV, tokens, and the pending last token
-            k = len(state.tokens) - 1
+        state = self.parked.pop(sample, None)
+        if state is not None:  # a parked sample: its KV, tokens, logits and hidden state
+            k = len(state.tokens)
             for layer, (key, value) in enumerate(zip(state.keys, state.values)):
                 self.cache.keys[layer][row, :, start: start + k] = key
                 self.cache.values[layer][row, :, start: start + k] = value
-            rows.tokens[row, : k + 1] = torch.tensor(state.tokens, device=self.e.device)
-            rows.generated[row], rows.pending[row], self.any_pending = k, True, True
+            rows.tokens[row, :k] = torch.tensor(state.tokens, device=self.e.device)
+            rows.generated[row] = k
+            self.logits[row] = state.logits
             if self.hidden is not None and state.hidden is not None:
                 self.hidden[row] = state.hidden
         self.n += 1
@@ -237,8 +237,7 @@ class _Run:
     def track_memory(self) -> None:
         if self.cache is not None:
             live = self.cache.nbytes + sum(kv.nbytes for kv in self.store.values())
-            live += sum(s.nbytes for s in (*self.e.resume.values(),
-                                           *self.result.suspended.values()))
+            live += sum(s.nbytes for s in self.parked.values())
             self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, live)
 
     def decode(self, step: int) -> None:
@@ -248,9 +247,6 @@ class _Run:
         u = uniforms(spec.seed, r.prompt_id[:n], r.sample_id[:n], t)
         rows = torch.arange(n, device=self.e.device)
         next_tokens = sample_tokens(self.logits[:n], u, spec)  # [n]
-        if self.any_pending:  # rows resumed at this step: their token k is already known
-            next_tokens = torch.where(r.pending[:n], r.tokens[rows, t], next_tokens)
-            r.pending[:n], self.any_pending = False, False
         r.tokens[rows, t] = next_tokens
         r.generated[:n] = t + 1
         ended = torch.isin(next_tokens, self.e.eos) | (t + 1 >= spec.max_new_tokens)  # [n]
@@ -258,12 +254,10 @@ class _Run:
         for sample in [r.sample[k] for k in ended.nonzero().flatten().tolist()]:
             if sample in self.row_of:  # not cancelled by an earlier retirement this step
                 self.retire(sample, step, feed)
-        if self.e.suspend_after is not None:  # probe: park rows that sampled token k
-            rows = (r.generated[: self.n] == self.e.suspend_after + 1).nonzero().flatten()
-            for sample in [r.sample[k] for k in rows.tolist()]:  # one device sync
-                self.suspend(sample, step, feed)
         if self.n > 0:
             self.forward(feed[: self.n])
+            if self.quantum:
+                self.boundary(step)
 
     def retire(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
         row = self.row_of[sample]
@@ -288,19 +282,34 @@ class _Run:
                                                                      i in running)]:
             self.store.pop(i)
 
-    def suspend(self, sample: SampleId, step: int, feed: torch.Tensor) -> None:
+    def boundary(self, step: int) -> None:
+        """After the forward: show the queue the rows whose KV holds a multiple of q
+        completion tokens (all their tokens, fed) and park the ones it names."""
+        q, r = self.quantum, self.rows
+        shown = []
+        for row, a in enumerate(r.generated[: self.n].tolist()):  # one device sync
+            if a % q == 0:
+                probe = a == q  # the sample's first boundary: its probe tokens and state
+                shown.append(BoundaryRow(
+                    r.sample[row], a, r.tokens[row, :a].tolist() if probe else None,
+                    self.hidden[row].clone() if probe and self.hidden is not None else None))
+        if shown:
+            for sample in self.queue.boundary(shown):
+                self.suspend(sample, step)
+
+    def suspend(self, sample: SampleId, step: int) -> None:
         row = self.row_of[sample]
         start = self.e.layout.first_column(int(self.rows.prompt_len[row]))
-        k = int(self.rows.generated[row]) - 1
-        self.result.suspended[sample] = Suspended(
+        k = int(self.rows.generated[row])
+        self.parked[sample] = Suspended(
             [keys[row, :, start: start + k].clone() for keys in self.cache.keys],
             [values[row, :, start: start + k].clone() for values in self.cache.values],
-            self.rows.tokens[row, : k + 1].tolist(),
+            self.rows.tokens[row, :k].tolist(), self.logits[row].clone(),
             None if self.hidden is None else self.hidden[row].clone())
-        self.free(row, step, feed)
+        self.free(row, step)
         self.track_memory()
 
-    def free(self, row: int, step: int, feed: torch.Tensor) -> None:
+    def free(self, row: int, step: int, feed: torch.Tensor | None = None) -> None:
         """Release `row`, then move the last running row into it to keep rows [0, n) dense."""
         rows = self.rows
         sample = rows.sample[row]
@@ -308,7 +317,7 @@ class _Run:
         del self.row_of[sample]
         last = self.n - 1
         if row != last:
-            rows.move(last, row, feed)
+            rows.move(last, row, *(() if feed is None else (feed,)))
             self.slot[row], self.slot[last] = self.slot[last], self.slot[row]
             self.row_of[rows.sample[row]] = row
         rows.sample[last] = None

@@ -1,53 +1,69 @@
-"""`infinite` sampler: continuous sampling on m slots, scheduled by predicted lengths.
+"""`infinite` sampler: continuous sampling on m slots, scheduled by length (attained or predicted).
 
-One `sample()` call (B prompts x G samples, m slots):
+One `sample()` call (B prompts x G samples, m slots) is one continuous stream:
 
-1. Prefill every prompt once (its KV is shared by all its samples and both phases below).
-2. Probe: decode the first k = `probe_tokens` tokens of every sample, m at a time. A sample
-   that ends inside the probe is done; the others are parked outside the slots with their k
-   tokens of KV and their next token already drawn (`samplers.engine.Suspended`), so nothing
-   is recomputed later. k = 0 skips the probe (the first token is drawn from the prompt's
-   logits). Probe steps are counted apart, in `stats.probe_steps`.
-3. Predict each parked sample's remaining length with the predictor (config group
-   `predictor=oracle|history|minilm|hidden`, `predictors/`).
-4. Plan an admission order (`samplers/scheduling.py`): `grouping: fptas` balances predicted
-   work across the m slots with the FPTAS plan and admits samples by planned start time;
-   `grouping: none` admits in refill order alone. `refill: sjf | lpt | fifo` orders samples
-   (inside each planned slot with fptas): shortest predicted first (the paper), longest first
-   (LPT, the classic makespan rule), or (prompt, sample) order.
-5. Decode the parked samples on m slots with continuous refill in that order, then hand the
-   true remaining lengths to the predictor so it refits online as the policy drifts.
+1. Prefill every prompt once (its KV is shared by all its samples for the whole call).
+2. Every sample starts in the stream. Its first k = `probe_tokens` tokens are its probe: when it
+   reaches them, the predictor (config group `predictor=oracle|history|minilm|hidden`,
+   `predictors/`) is asked for its remaining length. The probe costs no phase of its own.
+   (With k = 0, and for the oracle, which needs no probe, every sample is predicted before
+   anything runs.)
+3. Every k tokens a running sample may be parked (its KV leaves the slot, nothing is
+   recomputed; samplers/engine.py) so that a waiting sample with a better key runs, within
+   `park_fraction` x the slot cache of parked KV (`samplers.scheduling.StreamQueue`):
+   - `schedule: attained` runs the least decoded samples first (every sample gets k tokens
+     before any gets 2k, ...): the long samples progress together and the tail stays short
+     whatever the predictions are worth;
+   - `schedule: predicted` starts the unprobed samples first, then runs the probed ones in the
+     `refill` order of their predicted remaining length (`lpt`: longest first, preemptive;
+     `sjf`: shortest first, the paper's rule; `fifo`);
+   - `schedule: continuous` parks nothing: plain refill in (prompt, sample) order, exactly the
+     `continuous` sampler;
+   - `schedule: auto` (default) takes, at each call, the one of these three with the fewest
+     expected decoding steps when the predictor errs as it has erred so far: each is simulated
+     (`simulate_stream`, the engine's own stepping) on calls made of B prompt groups drawn
+     from the recent ones, every sample with its true length and the prediction it really
+     got (so a predictor that cannot tell siblings apart gets no credit for it; `predicted`
+     only once MIN_RECORD samples were predicted). With no record yet: `attained` (the
+     oracle, whose error is zero by construction: `predicted`).
+4. After the call the predictor gets the true remaining lengths of the samples it was asked
+   about, so it refits online as the policy drifts; their errors feed the next `auto` choice.
 
 Every sample draws its tokens from its own stream, so the completions equal `full`'s for the
 same seed (schedule invariance); scheduling changes only decoding steps and wall time.
-`stats.steps_lower_bound` is max(max r, ceil(sum r / m)) over the remaining lengths r of
-the decode phase (probe steps counted apart, docs/ARCHITECTURE.md section 6).
+`stats.steps_lower_bound` is max(max L, ceil(sum L / m)) over all the call's lengths.
 
-    python train.py sampler=infinite predictor=hidden sampler.refill=lpt sampler.probe_tokens=8
+    python train.py sampler=infinite predictor=hidden sampler.schedule=predicted sampler.refill=lpt
 """
 from __future__ import annotations
 
+import math
+import random
 import time
+from collections import deque
 from typing import Any
 
 import torch
 
-from samplers.base import (GenerationSpec, PredictorRecord, Rollouts, decoding_mode, sample_tokens,
-                           uniforms, validate_request)
-from samplers.engine import DecodeEngine, EngineResult, SampleId, to_rollouts
-from samplers.kv import PromptKV, Suspended, prefill
+from samplers.base import GenerationSpec, PredictorRecord, Rollouts, decoding_mode, validate_request
+from samplers.engine import DecodeEngine, SampleId, to_rollouts
+from samplers.kv import PromptKV, prefill
 from samplers.memory import kv_bytes_per_token, predict_peak_bytes, weight_bytes
 from samplers.prediction import LengthPredictor, ProbeBatch
-from samplers.scheduling import (REFILLS, SampleQueue, best_order, fifo_order, fptas_plan,
-                                 planned_order, refill_order, steps_lower_bound)
+from samplers.scheduling import (REFILLS, SCHEDULES, BoundaryRow, SampleQueue, StreamQueue,
+                                 fifo_order, simulate_stream, steps_lower_bound)
 from samplers.slots import SlotSettings
 
-GROUPINGS = ("fptas", "none")
+RECORD = 256  # recent prompt groups kept for the `auto` choice
+SCENARIOS = 8  # simulated calls per `auto` choice
+MIN_RECORD = 8  # predicted samples needed before `auto` tries `predicted`
+
+Group = list[tuple[int, float | None]]  # one prompt's samples: (length, prediction or None)
 
 
 class InfiniteSampler:
     def __init__(self, micro_group_size: int | str, memory_budget_gb: float | None,
-                 probe_tokens: int, refill: str, grouping: str, epsilon: float,
+                 probe_tokens: int, schedule: str, refill: str, park_fraction: float,
                  predictor: LengthPredictor, prompt_kv: str, gather_weights: bool) -> None:
         self.settings = SlotSettings(micro_group_size, memory_budget_gb, prompt_kv,
                                      gather_weights)
@@ -55,14 +71,15 @@ class InfiniteSampler:
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) \
                 or probe_tokens < 0:
             raise ValueError(f"probe_tokens must be an int >= 0, got {probe_tokens!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if refill not in REFILLS:
             raise ValueError(f"refill must be one of {REFILLS}, got {refill!r}")
-        if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-        if not 0 < epsilon < 1:
-            raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
-        self.probe_tokens, self.refill, self.grouping = probe_tokens, refill, grouping
-        self.epsilon = epsilon
+        if isinstance(park_fraction, bool) or not isinstance(park_fraction, (int, float)) \
+                or not 0 <= park_fraction < math.inf:
+            raise ValueError(f"park_fraction must be a number >= 0, got {park_fraction!r}")
+        self.probe_tokens, self.schedule, self.refill = probe_tokens, schedule, refill
+        self.park_fraction = float(park_fraction)
         if predictor is None:
             raise ValueError("sampler.predictor is null: the infinite sampler needs a length "
                              "predictor (predictor=history|oracle|minilm|hidden)")
@@ -70,6 +87,7 @@ class InfiniteSampler:
         # False while the caller samples another distribution than training's (greedy
         # validation): the predictor then predicts but is not refitted on those lengths.
         self.learning = True
+        self.record: deque[Group] = deque(maxlen=RECORD)  # the recent calls' prompt groups
 
     def bind(self, tokenizer: Any) -> None:
         """Give text predictors (minilm) the policy tokenizer to decode prompts and probes."""
@@ -79,143 +97,138 @@ class InfiniteSampler:
                spec: GenerationSpec) -> Rollouts:
         validate_request(model, prompts, group_size, spec)
         m = self.slots(model, prompts, group_size, spec)
-        layout = self.settings.layout
+        layout, k = self.settings.layout, self.probe_tokens
+        hidden = self.predictor.needs_hidden
+        samples = fifo_order(len(prompts), group_size)
         start = time.perf_counter()
         with decoding_mode(model):
-            done, parked, store = self.probe(model, prompts, group_size, spec, m)
-            samples = sorted(parked)
-            batch = self.probe_batch(prompts, samples, parked)
+            store = self.prefill(model, prompts, hidden)
+            prefill_s = time.perf_counter() - start
+            truth, oracle_s = None, 0.0
             if self.predictor.needs_oracle:  # ablation only: a pre-pass with the same streams
                 oracle_start = time.perf_counter()
-                prepass = DecodeEngine(model, prompts, spec, m, layout, store=store,
-                                       resume=parked).run(SampleQueue(samples))
-                batch.true_remaining = remaining_lengths(prepass, samples, self.probe_tokens)
+                prepass = DecodeEngine(model, prompts, spec, m, layout, store=store
+                                       ).run(SampleQueue(samples))
+                truth = {s: len(c) for s, c in prepass.completions.items()}
                 oracle_s = time.perf_counter() - oracle_start
-            # no sample can have more than max_new_tokens - k tokens left: a learned head
-            # that extrapolates (exp of a log-length) must not wreck the plan
-            predicted = self.predictor.predict(batch).float().reshape(-1).clamp(
-                0, max(0, spec.max_new_tokens - self.probe_tokens))  # [n]
-            plan, ranks = self.order(predicted.tolist(), m)
-            order = [samples[x] for x in ranks]
-            main = DecodeEngine(model, prompts, spec, m, layout, store=store,
-                                resume=parked).run(SampleQueue(order))
-        wall = time.perf_counter() - start - (oracle_s if self.predictor.needs_oracle else 0.0)
-        true = remaining_lengths(main, samples, self.probe_tokens)
+            asked: list[BoundaryRow] = []
+            predicted: list[float] = []
+
+            def predict(rows: list[BoundaryRow]) -> list[float]:
+                batch = self.probe_batch(prompts, rows, truth)
+                # no sample can have more than max_new_tokens - k tokens left: a learned head
+                # that extrapolates (exp of a log-length) must not wreck the plan
+                left = max(0, spec.max_new_tokens - rows[0].attained)
+                values = self.predictor.predict(batch).float().reshape(-1).clamp(0, left).tolist()
+                asked.extend(rows)
+                predicted.extend(values)
+                return values
+
+            upfront = None
+            if k == 0 or truth is not None:  # from the prompt alone (the oracle: it knows)
+                rows = [BoundaryRow(s, 0, [], store[s[0]].hidden) for s in samples]
+                upfront = dict(zip(samples, predict(rows)))
+            schedule = self.choose(len(prompts), m, spec)
+            queue = StreamQueue(samples, k, self.park_tokens(m, spec, schedule),
+                                "attained" if schedule == "continuous" else schedule,
+                                self.refill, predict, upfront)
+            result = DecodeEngine(model, prompts, spec, m, layout, store=store,
+                                  capture_hidden=hidden).run(queue)
+        lengths = {s: len(c) for s, c in result.completions.items()}
+        true = torch.tensor([lengths[r.sample] - r.attained for r in asked], dtype=torch.long)
         if self.learning:
-            self.predictor.observe(batch, true)
-        # one result for the two phases: the probe's steps counted apart, the decode phase's
-        # trace shifted past them; the store held every prompt for the whole call
-        stats = done.stats.then(main.stats)
+            if asked:
+                self.predictor.observe(self.probe_batch(prompts, asked, truth), true)
+            guesses = {r.sample: p for r, p in zip(asked, predicted)}
+            self.record.extend([(lengths[(i, j)], guesses.get((i, j)))
+                                for j in range(group_size)] for i in range(len(prompts)))
+        stats = result.stats
+        stats.wall_time_s = time.perf_counter() - start - oracle_s
+        stats.prefill_passes, stats.prefill_time_s = len(prompts), prefill_s
+        stats.prefill_tokens = sum(len(p) for p in prompts)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, sum(kv.nbytes for kv in store.values()))
-        stats.wall_time_s = wall
         stats.predicted_peak_bytes = self.peak_bytes(model, prompts, group_size, spec, m)
         stats.predicted_sampling_bytes = stats.predicted_peak_bytes - weight_bytes(model)
-        stats.steps_lower_bound = steps_lower_bound(true.tolist(), m)
-        stats.predictor = PredictorRecord(self.predictor.name, self.probe_tokens,
-                                          predicted.cpu(), true)
-        stats.plan = plan
+        stats.steps_lower_bound = steps_lower_bound([lengths[s] for s in samples], m)
+        stats.predictor = PredictorRecord(self.predictor.name, k,
+                                          torch.tensor(predicted, dtype=torch.float), true)
+        stats.schedule, stats.parks = schedule, queue.parks
         store.clear()
-        result = EngineResult({**done.completions, **main.completions},
-                              {**done.finished, **main.finished},
-                              done.finish_order + main.finish_order, stats=stats)
         return to_rollouts(result, len(prompts), group_size, spec)
+
+    @staticmethod
+    def prefill(model: Any, prompts: list[list[int]], hidden: bool) -> dict[int, PromptKV]:
+        device = next(model.parameters()).device
+        return {i: prefill(model, p, device, hidden) for i, p in enumerate(prompts)}
+
+    def park_tokens(self, slots: int, spec: GenerationSpec, schedule: str = "attained") -> int:
+        """The parked-KV budget in tokens: `park_fraction` of the slots' completion columns
+        (none for `continuous`)."""
+        if schedule == "continuous":
+            return 0
+        return int(self.park_fraction * slots * spec.max_new_tokens)
+
+    def choose(self, prompts: int, slots: int, spec: GenerationSpec) -> str:
+        """The schedule of this call: the configured one, or with `auto` the one with the
+        fewest simulated decoding steps (ties: the simpler, in the order continuous, attained,
+        predicted) on SCENARIOS calls of `prompts` groups drawn from the recorded ones."""
+        if self.schedule != "auto":
+            return self.schedule
+        if not self.record:
+            return "predicted" if self.predictor.needs_oracle else "attained"
+        rng, k = random.Random(spec.seed), self.probe_tokens
+        groups = list(self.record)
+        steps = dict.fromkeys(("continuous", "attained", "predicted"), 0)
+        if sum(p is not None for g in groups for _, p in g) < MIN_RECORD:
+            del steps["predicted"]
+        for _ in range(SCENARIOS):
+            call = [sample for _ in range(prompts) for sample in rng.choice(groups)]
+            drawn = [n for n, _ in call]
+            guess = [0.0 if p is None else p for _, p in call]
+            for name in steps:
+                steps[name] += simulate_stream(
+                    drawn, guess, slots, k, self.park_tokens(slots, spec, name),
+                    "attained" if name == "continuous" else name, self.refill,
+                    upfront=self.predictor.needs_oracle)
+        return min(steps, key=steps.__getitem__)
 
     def peak_bytes(self, model: Any, prompts: list[list[int]], group_size: int,
                    spec: GenerationSpec, slots: int) -> int:
         """The engine's predicted peak plus what `infinite` keeps besides: every prompt's KV
         for the whole call (its own store, so the shared engine holds no prompt of its own)
-        and the parked probe KV (k tokens of each of the B x G samples)."""
-        per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
-        kept = sum(len(p) for p in prompts) + len(prompts) * group_size * self.probe_tokens
+        and the parked samples: their KV, at most the budget, and their next-token logits
+        (float32, or the weights' wider dtype; each parked sample holds at least k tokens, so
+        at most budget / k of them)."""
+        dtype = next(model.parameters()).dtype
+        per_token = kv_bytes_per_token(model.config, dtype)
+        budget = self.park_tokens(slots, spec)
+        kept = sum(len(p) for p in prompts) + budget
+        parked = min(budget // max(1, self.probe_tokens), len(prompts) * group_size)
+        vocab = model.config.get_text_config().vocab_size
         engine = predict_peak_bytes(model, prompts, spec, slots, self.settings.layout,
                                     live_prompts=0)
-        return engine + kept * per_token
+        element = max(4, torch.tensor([], dtype=dtype).element_size())
+        return engine + kept * per_token + parked * vocab * element
 
     def slots(self, model: Any, prompts: list[list[int]], group_size: int,
               spec: GenerationSpec) -> int:
         """m itself, or with `auto` the largest m whose peak (parked KV included) fits."""
         return self.settings.resolve(
             lambda m: self.peak_bytes(model, prompts, group_size, spec, m), group_size,
-            len(prompts) * group_size, "that one slot plus the prompts and the parked probe KV "
-            "need (lower probe_tokens or group_size)")
+            len(prompts) * group_size, "that one slot plus the prompts and the parked KV "
+            "need (lower park_fraction or group_size)")
 
-    def probe(self, model: Any, prompts: list[list[int]], group_size: int,
-              spec: GenerationSpec, m: int
-              ) -> tuple[EngineResult, dict[SampleId, Suspended], dict[int, PromptKV]]:
-        """Prefill all prompts, then decode k tokens of every sample; returns (samples that
-        ended inside the probe, parked samples, prompt store)."""
-        device = next(model.parameters()).device
-        hidden = self.predictor.needs_hidden
-        start = time.perf_counter()
-        store = {i: prefill(model, p, device, hidden) for i, p in enumerate(prompts)}
-        prefill_s = time.perf_counter() - start
-        queue = fifo_order(len(prompts), group_size)
-        if self.probe_tokens == 0:
-            done = first_tokens(store, queue, spec)
-        else:
-            done = DecodeEngine(model, prompts, spec, m, self.settings.layout, store=store,
-                                capture_hidden=hidden, suspend_after=self.probe_tokens
-                                ).run(SampleQueue(queue))
-        done.stats.prefill_passes = len(prompts)
-        done.stats.prefill_tokens = sum(len(p) for p in prompts)
-        done.stats.prefill_time_s = prefill_s
-        return done, done.suspended, store
-
-    def probe_batch(self, prompts: list[list[int]], samples: list[SampleId],
-                    parked: dict[SampleId, Suspended]) -> ProbeBatch:
+    def probe_batch(self, prompts: list[list[int]], rows: list[BoundaryRow],
+                    truth: dict[SampleId, int] | None) -> ProbeBatch:
         hidden = None
-        if self.predictor.needs_hidden and samples:
-            hidden = torch.stack([parked[s].hidden for s in samples]).float().cpu()  # [n, H]
-        return ProbeBatch(
+        if self.predictor.needs_hidden and rows:
+            hidden = torch.stack([r.hidden for r in rows]).float().cpu()  # [n, H]
+        batch = ProbeBatch(
             prompts=prompts,
-            prompt_index=torch.tensor([i for i, _ in samples], dtype=torch.long),
-            sample_index=torch.tensor([j for _, j in samples], dtype=torch.long),
-            probe_ids=[parked[s].tokens[:-1] for s in samples], hidden=hidden)
-
-    def order(self, predicted: list[float], slots: int) -> tuple[str, list[int]]:
-        """(name, admission order) from predicted lengths; the order indexes the parked samples.
-
-        `grouping: none` is the refill order alone. `grouping: fptas` takes, of the FPTAS plan
-        (each slot in refill order), the plain refill order and plain LPT, the one with the
-        shortest predicted makespan (ties in that order), so it is never predicted worse than
-        LPT, the classic makespan rule, even where balancing the sums fails.
-        """
-        if self.grouping == "none":
-            return self.refill, refill_order(predicted, self.refill)
-        plan = fptas_plan(predicted, slots, self.epsilon)
-        candidates = {f"fptas+{self.refill}": planned_order(plan, predicted, self.refill),
-                      self.refill: refill_order(predicted, self.refill),
-                      "lpt": refill_order(predicted, "lpt")}
-        name, order, _ = best_order(candidates, predicted, slots)
-        return name, order
-
-
-def first_tokens(store: dict[int, PromptKV], samples: list[SampleId],
-                 spec: GenerationSpec) -> EngineResult:
-    """k = 0: draw every sample's token 0 from its prompt's logits (no decoding step)."""
-    done = EngineResult()
-    if not samples:
-        return done
-    prompt = torch.tensor([i for i, _ in samples])
-    index = torch.tensor([j for _, j in samples])
-    logits = torch.stack([store[i].logits for i, _ in samples])  # [N, V]
-    u = uniforms(spec.seed, prompt.to(logits.device), index.to(logits.device),
-                 torch.zeros_like(index, device=logits.device))
-    tokens = sample_tokens(logits, u, spec).tolist()
-    for (i, j), token in zip(samples, tokens):
-        if token in spec.eos_token_ids or spec.max_new_tokens == 1:
-            done.completions[(i, j)] = [token]
-            done.finished[(i, j)] = token in spec.eos_token_ids
-            done.finish_order.append((i, j))
-        else:
-            kv = store[i]
-            done.suspended[(i, j)] = Suspended([k[:, :0] for k in kv.keys],
-                                               [v[:, :0] for v in kv.values], [token],
-                                               kv.hidden)
-    done.stats.generated_tokens = sum(map(len, done.completions.values()))
-    return done
-
-
-def remaining_lengths(result: EngineResult, samples: list[SampleId], k: int) -> torch.Tensor:
-    """True remaining tokens after the probe: L - k for each parked sample."""
-    return torch.tensor([len(result.completions[s]) - k for s in samples], dtype=torch.long)
+            prompt_index=torch.tensor([r.sample[0] for r in rows], dtype=torch.long),
+            sample_index=torch.tensor([r.sample[1] for r in rows], dtype=torch.long),
+            probe_ids=[list(r.tokens) for r in rows], hidden=hidden)
+        if truth is not None:
+            batch.true_remaining = torch.tensor([truth[r.sample] - r.attained for r in rows],
+                                                dtype=torch.long)
+        return batch

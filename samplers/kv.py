@@ -2,7 +2,7 @@
 
     SlotCache   m rows x capacity columns of K/V per layer, a duck-typed transformers Cache
     PromptKV    one prompt's KV (per layer [Hk, P, d]), its last logits and hidden state
-    Suspended   a probed sample's completion KV and tokens, parked outside the slots
+    Suspended   a parked sample: its completion KV, tokens and next-token logits
     prefill     one forward over a prompt that keeps every layer's whole KV
 """
 from __future__ import annotations
@@ -62,15 +62,17 @@ class PromptKV:
 
 @dataclass
 class Suspended:
-    """A probed sample parked outside the slots: its completion KV and tokens so far."""
+    """A sample parked outside the slots: everything it needs to go on at its next step."""
     keys: list[torch.Tensor]  # per layer [h, k, d]: KV of completion tokens 0..k-1
     values: list[torch.Tensor]
-    tokens: list[int]  # k + 1 tokens; the last one is sampled but not yet fed to the model
-    hidden: torch.Tensor | None = None  # [H] at the last fed token (the prompt's when k = 0)
+    tokens: list[int]  # its k tokens, all fed to the model
+    logits: torch.Tensor  # [V]: the next token's logits
+    hidden: torch.Tensor | None = None  # [H] at the last fed token
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values,
+                                                          self.logits))
 
 
 def prefill(model: Any, prompt: list[int], device: torch.device,

@@ -1,10 +1,10 @@
 """The length-prediction contract of the `infinite` sampler (docs/ARCHITECTURE.md): what a
 length predictor is asked about and what it answers. `predictors/` implements it.
 
-The `infinite` sampler decodes the first k = probe_tokens tokens of every sample, hands the
-samples still running to `predict(ProbeBatch)` for their REMAINING length (full length L incl.
-EOS minus k), schedules on the predictions, and afterwards gives the true remaining lengths to
-`observe()`, so a predictor follows the policy's drifting length distribution.
+The `infinite` sampler asks `predict(ProbeBatch)`, when a sample has decoded its first
+k = probe_tokens tokens and is still running, for its REMAINING length (full length L incl.
+EOS minus k), schedules on the predictions, and after the call gives the true remaining
+lengths to `observe()`, so a predictor follows the policy's drifting length distribution.
 """
 from __future__ import annotations
 

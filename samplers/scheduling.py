@@ -30,6 +30,8 @@ import itertools
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -354,3 +356,187 @@ def fptas_plan(predicted: Sequence[float], slots: int, epsilon: float) -> list[l
         lo, hi = (lo, target) if sum(predicted[k] for k in plan[-1]) <= target else (target, hi)
         target = (lo + hi) / 2
     return alone + best
+
+
+# ----------------------------------------------------------------------------- stream scheduling
+
+SCHEDULES = ("auto", "attained", "predicted", "continuous")
+
+
+@dataclass
+class BoundaryRow:
+    """A running sample at a multiple of k tokens, as the engine shows it to a `StreamQueue`
+    after a forward: its `attained` tokens are all in its KV. At the probe point (attained ==
+    k) `tokens` holds them and `hidden` the policy's last hidden state (when captured)."""
+    sample: SampleId
+    attained: int
+    tokens: list[int] | None = None
+    hidden: Any = None
+
+
+Predict = Callable[[list[BoundaryRow]], list[float]]
+
+
+class StreamQueue:
+    """Continuous refill on m slots with parking every k tokens, within a budget of parked KV:
+    the `infinite` sampler's queue (docs/ARCHITECTURE.md section 6).
+
+    Every sample starts in the stream; its first k tokens are its probe. When a running sample
+    has decoded a multiple of k tokens (a *boundary*), the queue may park it (its KV leaves the
+    slot; nothing is recomputed) so that a waiting sample with a better key runs, as long as
+    the parked KV stays within `park_tokens` tokens. A freed slot takes the waiting sample with
+    the best key. Keys, per `schedule`:
+
+    - `attained` (least attained service first): (attained // k, longest predicted remaining,
+      fifo). Every sample gets its first k tokens before any gets 2k, and so on as far as the
+      budget lets: the long samples progress together and the tail stays short whatever the
+      predictions are worth. A row is parked only for a lower level.
+    - `predicted` (the paper's plan, in the stream): (predicted?, the `refill` key of the
+      predicted remaining, fifo). Samples without a prediction start first (their probe);
+      then `lpt` runs the longest predicted remaining first (parking a row for one predicted
+      more than k tokens longer: preemptive LPT), `sjf` the shortest first, `fifo` in order.
+
+    `predict(rows)` is asked once per sample, at its probe point, for its remaining length
+    after k tokens; `predicted` gives remaining lengths up front instead, before anything
+    runs (k = 0, the oracle, simulations). The estimate at attained a is the prediction minus
+    the tokens decoded since it was made, at least 0. With k = 0 nothing is parked.
+    A waiting sample's key does not change while it waits, so the waiting set is a heap.
+    """
+
+    def __init__(self, samples: Sequence[SampleId], probe_tokens: int, park_tokens: int,
+                 schedule: str, refill: str, predict: Predict | None = None,
+                 predicted: dict[SampleId, float] | None = None) -> None:
+        if schedule not in ("predicted", "attained"):
+            raise ValueError(f"schedule must be 'predicted' or 'attained', got {schedule!r}")
+        self.k, self.budget, self.schedule = probe_tokens, park_tokens, schedule
+        self.quantum = probe_tokens or None  # the engine shows its rows every k tokens
+        self.predict = predict
+        self.order_key = _REFILL_KEYS[refill]
+        # sample -> (predicted remaining, attained when predicted)
+        self.predicted = {s: (float(p), 0) for s, p in (predicted or {}).items()}
+        self.rank = {s: x for x, s in enumerate(samples)}  # fifo position
+        self.waiting: dict[SampleId, int] = {}  # sample -> attained tokens (its parked KV)
+        self.heap: list[tuple[tuple[int, float, int], SampleId]] = []
+        self.left: Counter[int] = Counter()  # waiting samples per prompt
+        self.parked_tokens = 0  # the waiting samples' attained tokens
+        self.peak_parked_tokens = 0
+        self.parks = 0
+        for sample in samples:
+            self.push(sample, 0)
+
+    def level(self, attained: int) -> int:
+        return attained // self.k if self.k else 0
+
+    def estimate(self, sample: SampleId, attained: int) -> float:
+        """Predicted remaining tokens at `attained` (the prediction, run down)."""
+        value, at = self.predicted.get(sample, (0.0, 0))
+        return max(value - max(attained - at, 0), 0.0)
+
+    def key(self, sample: SampleId, attained: int) -> tuple[int, float, int]:
+        estimate = self.estimate(sample, attained)
+        if self.schedule == "predicted":
+            level = int(sample in self.predicted or not self.k)
+            return level, self.order_key(estimate), self.rank[sample]
+        return self.level(attained), -estimate, self.rank[sample]
+
+    def push(self, sample: SampleId, attained: int) -> None:
+        self.waiting[sample] = attained
+        self.left[sample[0]] += 1
+        self.parked_tokens += attained
+        heapq.heappush(self.heap, (self.key(sample, attained), sample))
+
+    def pop(self) -> SampleId:
+        _, sample = heapq.heappop(self.heap)
+        self.parked_tokens -= self.waiting.pop(sample)
+        self.left[sample[0]] -= 1
+        return sample
+
+    def admit(self, free: int, running: int) -> list[SampleId]:
+        return [self.pop() for _ in range(min(free, len(self.heap)))]
+
+    def boundary(self, rows: list[BoundaryRow]) -> list[SampleId]:
+        """Predict the rows at their probe point; return the rows to park. Rows are taken
+        worst key first, each against the best waiting sample not yet matched."""
+        fresh = [r for r in rows if r.attained == self.k and r.sample not in self.predicted]
+        if fresh and self.predict is not None:
+            for row, value in zip(fresh, self.predict(fresh)):
+                self.predicted[row.sample] = (float(value), row.attained)
+        parked: list[BoundaryRow] = []
+        matched: list[tuple[tuple[int, float, int], SampleId]] = []
+        tokens = self.parked_tokens
+        for row in sorted(rows, key=lambda r: self.key(r.sample, r.attained), reverse=True):
+            if len(matched) == len(self.heap):
+                break
+            best = heapq.nsmallest(len(matched) + 1, self.heap)[-1]
+            if not self.better(best[1], row):
+                break  # the rows left have better keys still
+            if tokens + row.attained > self.budget:
+                continue  # a row with fewer tokens may still fit
+            parked.append(row)
+            matched.append(best)
+            tokens += row.attained
+        for row in parked:
+            self.push(row.sample, row.attained)
+        self.peak_parked_tokens = max(self.peak_parked_tokens, self.parked_tokens)
+        self.parks += len(parked)
+        return [row.sample for row in parked]
+
+    def better(self, waiting: SampleId, row: BoundaryRow) -> bool:
+        """Is it worth parking `row` for `waiting`? A lower level always; in `predicted`, at
+        the same level, a refill key better by more than k tokens."""
+        attained = self.waiting[waiting]
+        mine = self.key(waiting, attained)[0]
+        theirs = self.key(row.sample, row.attained)[0]
+        if mine != theirs or self.schedule == "attained":
+            return mine < theirs
+        gain = self.order_key(self.estimate(row.sample, row.attained)) - self.order_key(
+            self.estimate(waiting, attained))
+        return gain > self.k
+
+    def on_finished(self, sample: SampleId) -> list[SampleId]:
+        return []
+
+    def remaining(self, prompt: int) -> int:
+        return self.left[prompt]
+
+
+def simulate_stream(lengths: Sequence[int], predicted: Sequence[float], slots: int,
+                    probe_tokens: int, park_tokens: int, schedule: str, refill: str,
+                    upfront: bool = False) -> int:
+    """Decoding steps of a `StreamQueue` for samples of known `lengths` (tokens incl. EOS, in
+    fifo order) and predicted remaining lengths after k tokens (`upfront`: after 0 tokens,
+    known before anything runs, as the oracle's), stepping as the engine does: a
+    running sample draws one token per step; one that has not ended is shown to the queue
+    when its count reaches a multiple of k, and may leave at the end of that step. Steps
+    between such events are skipped at once; once nothing waits, the running samples just
+    finish."""
+    samples = [(0, x) for x in range(len(lengths))]
+    known = {s: float(p) for s, p in zip(samples, predicted)}
+    queue = StreamQueue(samples, probe_tokens, park_tokens, schedule, refill,
+                        predict=lambda rows: [known[r.sample] for r in rows],
+                        predicted=known if upfront or not probe_tokens else None)
+    k = probe_tokens
+    drawn = {s: 0 for s in samples}  # tokens drawn (and fed) so far
+    running: list[SampleId] = []
+    step = 0
+    while True:
+        running += queue.admit(slots - len(running), len(running))
+        if not running:
+            return step
+        left = {s: lengths[s[1]] - drawn[s] for s in running}
+        if not queue.waiting:
+            return step + max(left.values())
+        # to the next finish or multiple of k
+        dt = min(min(left[s], k - drawn[s] % k) if k else left[s] for s in running)
+        step += dt
+        ended, rows = [], []
+        for sample in running:
+            drawn[sample] += dt
+            if drawn[sample] >= lengths[sample[1]]:
+                ended.append(sample)
+            elif k and drawn[sample] % k == 0:
+                rows.append(BoundaryRow(sample, drawn[sample]))
+        for sample in ended:
+            running.remove(sample)
+        for sample in queue.boundary(rows) if rows else []:
+            running.remove(sample)

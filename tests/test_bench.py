@@ -15,7 +15,7 @@ M = 4  # micro_group_size: the m of every Table C schedule
 TINY = ["policy=tiny", "data=arithmetic", "num_prompts=6", "heldout_prompts=2", "group_size=8",
         "record_group_size=4", f"micro_group_size={M}", "max_new_tokens=24", "fit_steps=20",
         "probe_tokens=4", "probe_sweep=[0,4]"]
-ORACLE = "oracle (k=0)"
+ORACLE = "oracle"
 
 
 def bench(tmp_path: Path, *overrides: str) -> None:
@@ -38,29 +38,31 @@ def test_tables_c_and_d_on_the_tiny_policy(tmp_path):
         "history", "minilm", "hidden"}
     bench(tmp_path, "table=scheduler")
     summary = rows(tmp_path / "scheduler_arithmetic.csv")
-    assert len([r for r in summary if r["predictor"] == ORACLE]) == 6
+    schedules = 10  # 4 stream + 6 two-phase rows per predictor
+    assert len([r for r in summary if r["predictor"] == ORACLE]) == schedules
     assert any("infinite" in r["scheduler"] and float(r["tok_s"]) > 0 for r in summary)
     groups = rows(tmp_path / "scheduler_arithmetic_groups.csv")
-    assert len(groups) == 2 * 4 * 6  # groups x (oracle + 3 learned) x schedulers
+    assert len(groups) == 2 * 4 * schedules  # groups x (oracle + 3 learned) x schedules
 
-    # The oracle schedules the decode phase of k = 0: every sample but those that end at their
-    # first token (drawn from the prompt's logits), with all L tokens left. No order on m slots
-    # beats max(max L, ceil(sum L / m)); computed here from the file `table=record` wrote.
+    # No schedule on m slots beats max(max L, ceil(sum L / m)), and plain refill in (prompt,
+    # sample) order is list scheduling; both computed here from the file `table=record` wrote.
     record = torch.load(heldout, weights_only=True)
     oracle = {(int(r["group"]), r["scheduler"]): r for r in groups if r["predictor"] == ORACLE}
     for i in range(2):
         lengths = record["lengths"][record["prompt_index"] == i].tolist()
-        rest = [n for n in lengths if n > 1]
-        lb = max(max(rest), math.ceil(sum(rest) / M)) if rest else 0
+        lb = max(max(lengths), math.ceil(sum(lengths) / M))
+        free = [0] * M
+        for n in lengths:  # continuous refill by hand: each sample on the slot freed first
+            free[free.index(min(free))] += n
         for (group, scheduler), r in oracle.items():
             if group == i:
                 assert int(r["lb"]) == lb, (i, scheduler)
                 assert int(r["steps"]) >= lb, (i, scheduler)
-        # the plan takes the best of its candidates by (here exact) predicted makespan, LPT
-        # among them: the default scheduler is never worse than plain LPT
-        assert int(oracle[i, "fptas+lpt"]["steps"]) <= int(oracle[i, "lpt"]["steps"])
-        assert oracle[i, "fptas+lpt"]["plan"] in {"fptas+lpt", "lpt"}
-        assert oracle[i, "sjf"]["plan"] == "sjf"  # grouping none: the refill order itself
+                assert int(r["continuous"]) == max(free)
+                assert float(r["over_continuous"]) == pytest.approx(int(r["steps"]) / max(free))
+        assert oracle[i, "stream auto"]["plan"] in {"continuous", "attained", "predicted"}
+        assert oracle[i, "stream attained"]["plan"] == "attained"
+        assert oracle[i, "two-phase sjf"]["plan"] == "sjf"  # grouping none: the refill order
 
 
 @pytest.mark.slow

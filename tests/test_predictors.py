@@ -118,13 +118,13 @@ def test_rollouts_roundtrip_and_examples(records, char_tokenizer):
     assert records["prompts"] == prompts
     assert torch.equal(records["lengths"], rollouts.lengths)
     batch, remaining = examples(records, K)
-    keep = rollouts.lengths > K + 1
+    keep = rollouts.lengths > K  # still running after K tokens: what the sampler asks about
     assert len(batch) == int(keep.sum()) == len(remaining)
     assert torch.equal(remaining, rollouts.lengths[keep] - K)
     assert torch.equal(batch.true_remaining, remaining)
     assert batch.probe_ids[0] == rollouts.completion_ids[0, :K].tolist()
     dropped, _ = examples(records, 9)  # the yes/no samples (L <= 13) are dropped at k = 9
-    assert len(dropped) == int((rollouts.lengths > 10).sum()) < len(batch)
+    assert len(dropped) == int((rollouts.lengths > 9).sum()) < len(batch)
 
 
 def test_hidden_states_at_and_saved_hidden(policy_lm, records, char_tokenizer, tmp_path):

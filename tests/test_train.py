@@ -51,7 +51,8 @@ def test_infinite_with_each_predictor_and_refill(tiny_cfg, predictor, refill):
                                       "sampler.micro_group_size=3", "trainer.max_steps=2",
                                       "model.max_new_tokens=8"))
     assert objects["trainer"].global_step == 2
-    assert {"sampling/probe_steps", "sampling/steps_over_lb"} <= set(metrics)
+    assert {"sampling/parks", "sampling/steps_over_lb", "sampling/total_over_continuous",
+            "sampling/schedule_predicted"} <= set(metrics)
     record = objects["model"].last_rollouts.stats.predictor
     assert record.name == predictor and objects["sampler"].refill == refill
     if len(record.true):
