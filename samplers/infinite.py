@@ -116,8 +116,8 @@ class InfiniteSampler:
 
             def predict(rows: list[BoundaryRow]) -> list[float]:
                 batch = self.probe_batch(prompts, rows, truth)
-                # no sample can have more than max_new_tokens - k tokens left: a learned head
-                # that extrapolates (exp of a log-length) must not wreck the plan
+                # no sample has more than max_new_tokens minus its decoded tokens left: a
+                # learned head that extrapolates (exp of a log-length) must not wreck the order
                 left = max(0, spec.max_new_tokens - rows[0].attained)
                 values = self.predictor.predict(batch).float().reshape(-1).clamp(0, left).tolist()
                 asked.extend(rows)

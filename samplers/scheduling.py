@@ -419,7 +419,6 @@ class StreamQueue:
         self.heap: list[tuple[tuple[int, float, int], SampleId]] = []
         self.left: Counter[int] = Counter()  # waiting samples per prompt
         self.parked_tokens = 0  # the waiting samples' attained tokens
-        self.peak_parked_tokens = 0
         self.parks = 0
         for sample in samples:
             self.push(sample, 0)
@@ -477,7 +476,6 @@ class StreamQueue:
             tokens += row.attained
         for row in parked:
             self.push(row.sample, row.attained)
-        self.peak_parked_tokens = max(self.peak_parked_tokens, self.parked_tokens)
         self.parks += len(parked)
         return [row.sample for row in parked]
 
